@@ -1,0 +1,1 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore, plus the seed's JSON parser."""

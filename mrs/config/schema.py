@@ -1,0 +1,72 @@
+"""Typed configs. Both front doors (Hydra and the seed's ``mrs-server`` CLI) end here.
+
+``ModelSource`` flattens the seed's one-of (``Plain`` / ``Gguf`` / ``VisionPlain``)
+into one dataclass with a ``kind``, because OmegaConf structured configs cannot
+hold unions of dataclasses. Every field but the ids has a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAIN, GGUF, VISION_PLAIN = "plain", "gguf", "vision_plain"
+
+
+@dataclass
+class ModelSource:
+    kind: str = PLAIN  # plain | gguf | vision_plain
+    # Plain / VisionPlain
+    model_id: str | None = None  # hub repo id or local path
+    arch: str | None = None  # None: detected from config.json
+    # Gguf
+    quantized_model_id: str | None = None  # hub repo id or local dir/file
+    quantized_filename: str | None = None  # None: the only .gguf in quantized_model_id
+    # Both: where the tokenizer comes from (None: the checkpoint itself / GGUF metadata)
+    tok_model_id: str | None = None
+
+
+@dataclass
+class ModelEntry:
+    model_id: str  # the id API requests use
+    model: ModelSource = field(default_factory=ModelSource)
+    chat_template: str | None = None  # a file path or a literal jinja template
+    jinja_explicit: str | None = None  # a jinja file; overrides every other template
+    num_device_layers: list[str] | None = None  # mistral.rs syntax: ["N"] or ["0:16;1:14"]
+    in_situ_quant: str | None = None  # Q4_0, Q8_0, Q4K, ... (see mrs.quant)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dequantize_gguf: bool = False  # expand GGUF tensors to dtype instead of keeping them packed
+    tensor_parallel: int | None = None  # shard every layer over N devices instead
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 16  # decode slots
+    max_seq_len: int = 2048  # KV cache rows per slot (context limit, capped by the model's)
+    max_queue: int = 256  # waiting requests before submit raises Overloaded
+    prefill_buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    warmup: bool = True  # compile every bucket before reporting ready
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1234
+    log_level: str = "info"
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass
+class ServeConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    models: list[ModelEntry] = field(default_factory=list)
+    default_model_id: str | None = None
+    interactive: bool = False
+
+
+def entry_from_dict(data: dict[str, Any]) -> ModelEntry:
+    """A ModelEntry from a plain dict shaped like the dataclass (Hydra or Python API)."""
+    data = dict(data)
+    source = data.pop("model", None) or {}
+    return ModelEntry(model=ModelSource(**source), **data)

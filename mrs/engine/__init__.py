@@ -1,0 +1,1 @@
+"""One engine thread per model: scheduler, KV cache, jitted steps, sampling, detokenizer."""

@@ -1,0 +1,82 @@
+"""The engine's request and event types: the contract between the engine and its callers."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+_ids = itertools.count()
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling, from OpenAI's and mistral.rs's request fields.
+
+    ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those
+    filters. All of these become arrays in the jitted step, never static arguments.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    max_tokens: int | None = None  # None: up to the context limit
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TokenDelta:
+    """New text for choice ``index``; ``text`` never ends inside a UTF-8 character."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Finish:
+    """The last event of choice ``index``. ``reason``: stop, length, cancelled or error."""
+
+    index: int
+    reason: str
+    usage: Usage
+    error: Exception | None = None  # set when reason == "error"
+
+
+Event = TokenDelta | Finish

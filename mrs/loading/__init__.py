@@ -1,0 +1,1 @@
+"""Checkpoint sources, GGUF and safetensors readers, tokenizers and chat templates."""

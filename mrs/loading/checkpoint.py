@@ -1,0 +1,23 @@
+"""What every loader produces: a model config, its parameters, tokenizer and template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
+
+from mrs.models.config import ModelConfig
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    params: dict[str, Any]  # nested tree for module.apply({"params": ...}); arrays or quantized arrays
+    tokenizer: PreTrainedTokenizerFast
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    add_bos: bool  # whether a raw (non-chat) prompt starts with BOS
+    chat_template: str | None  # the checkpoint's own; ModelEntry fields can override it
+    source: str  # where it was loaded from, for logs
+    notes: list[str] = field(default_factory=list)  # e.g. "fallback chat template in use"

@@ -1,0 +1,5 @@
+"""Flax model families and the architecture registry."""
+
+from mrs.models.config import ModelConfig
+
+__all__ = ["ModelConfig"]

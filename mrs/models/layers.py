@@ -1,0 +1,206 @@
+"""Building blocks shared by the model families.
+
+Conventions (every family follows them, see DESIGN.md "Contracts"):
+- Parameters use Hugging Face names and layouts: a linear weight is ``[out, in]``.
+  A weight may be a plain array or a quantized array (see ``mrs.quant``: it has
+  ``linear(x)``, ``dequantize(dtype)`` and ``take_rows(ids, dtype)``); the
+  helpers below dispatch on that.
+- The KV cache is a tuple with one ``(k, v)`` pair per layer, each
+  ``[batch, max_seq_len, num_kv_heads, head_dim]``. Cache index == absolute
+  position: a token at position ``p`` writes row ``p`` and a query at ``p``
+  attends rows ``<= p`` (and ``> p - window`` on sliding layers). Positions
+  ``>= max_seq_len`` (padding) write nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrs.models.config import SLIDING, ModelConfig
+
+Array = jax.Array
+KVCache = tuple[tuple[Array, Array], ...]
+
+# Padding tokens get this position: far past any cache, so their writes drop.
+PAD_POSITION = np.iinfo(np.int32).max // 2
+
+
+def weight(module: nn.Module, name: str) -> Any:
+    """A parameter as stored (array or quantized array), with a clear error if absent.
+
+    We read variables directly instead of ``self.param``: models are only ever
+    applied to loaded weights, and ``param`` would reject quantized pytrees.
+    """
+    value = module.get_variable("params", name)
+    if value is None:
+        raise KeyError(f"missing parameter {'.'.join(module.path + (name,))}")
+    return value
+
+
+def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
+    """``x @ w.T (+ bias)`` for a ``[out, in]`` weight, plain or quantized."""
+    if hasattr(w, "linear"):
+        y = w.linear(x)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def dense_weight(w: Any, dtype: Any) -> Array:
+    """A weight as a plain array (quantized ones dequantize), e.g. for embedding lookups."""
+    return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+
+
+class Linear(nn.Module):
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bias = weight(self, "bias") if self.use_bias else None
+        return linear(x, weight(self, "weight"), bias)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    unit_offset: bool = False  # gemma scales by (1 + weight)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        w = weight(self, "weight").astype(jnp.float32)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + w if self.unit_offset else w)).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * weight(self, "weight").astype(jnp.float32) + weight(self, "bias").astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Embedding(nn.Module):
+    """Token embedding with HF's ``weight [vocab, hidden]``; also serves as a tied head."""
+
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        table = weight(self, "weight")
+        if hasattr(table, "take_rows"):  # quantized tables dequantize only the rows taken
+            return table.take_rows(tokens, self.dtype)
+        return jnp.take(table, tokens, axis=0, mode="clip").astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return linear(x, weight(self, "weight"))
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def rope_inv_freq(config: ModelConfig, theta: float, scaled: bool) -> np.ndarray:
+    """Inverse frequencies (host constant), with llama3 or linear scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if scaled and config.rope_llama3_scaling is not None:
+        factor, low, high, original = config.rope_llama3_scaling
+        low_wavelen, high_wavelen = original / low, original / high
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, inv_freq)
+    if scaled and config.rope_linear_factor is not None:
+        inv_freq = inv_freq / config.rope_linear_factor
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate-half RoPE (HF layout) on ``x [B, T, H, D]`` at ``positions [B, T]``."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def update_cache(cache: Array, new: Array, positions: Array) -> Array:
+    """Write ``new [B, T, H, D]`` into ``cache [B, S, H, D]`` at rows ``positions [B, T]``."""
+    batch = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[batch, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def attend(
+    q: Array,
+    k_cache: Array,
+    v_cache: Array,
+    positions: Array,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None = None,
+    kv_len: int | None = None,
+) -> Array:
+    """Attention of ``q [B, T, H, D]`` over the cache; returns ``[B, T, H * D]``.
+
+    ``kv_len`` (static) limits attention to the first ``kv_len`` cache rows, so a
+    decode step over short sequences does not read the whole cache.
+    """
+    if kv_len is not None:
+        k_cache, v_cache = k_cache[:, :kv_len], v_cache[:, :kv_len]
+    batch, steps, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    key_pos = jnp.arange(k_cache.shape[1])[None, None, :]
+    query_pos = positions[:, :, None]
+    valid = key_pos <= query_pos
+    if window is not None:
+        valid &= key_pos > query_pos - window
+    # A finite floor keeps padding queries (which see no key) free of NaN.
+    scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
+    return out.reshape(batch, steps, heads * dim).astype(q.dtype)
+
+
+def layer_window(config: ModelConfig, layer: int) -> int | None:
+    return config.sliding_window if config.layer_type(layer) == SLIDING else None
+
+
+def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = None) -> KVCache:
+    """A zeroed KV cache: one ``(k, v)`` pair per layer."""
+    shape = (batch, max_seq_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.jnp_dtype
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def select_logits(hidden: Array, logits_at: Array | None) -> Array:
+    """Keep the hidden state at ``logits_at [B]`` only (prefill needs just the last token)."""
+    if logits_at is None:
+        return hidden
+    return jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
