@@ -1,0 +1,1 @@
+"""Quantized weights: the QArray type, GGUF repacking and in-situ quantization."""
