@@ -1,0 +1,53 @@
+"""Checks on a whole ``ServeConfig`` that both front doors run before any model loads."""
+
+from __future__ import annotations
+
+from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry, ServeConfig
+from mrs.errors import ConfigError
+
+
+def check_unique_ids(entries: list[ModelEntry], source: str) -> None:
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if entry.model_id in seen:
+            raise ConfigError(
+                f"{source}: duplicate model_id {entry.model_id!r} (entries {seen[entry.model_id]} and {i})",
+                param="model_id",
+            )
+        seen[entry.model_id] = i
+
+
+def check_default_model_id(entries: list[ModelEntry], default_model_id: str | None) -> None:
+    if default_model_id is None:
+        return
+    ids = [e.model_id for e in entries]
+    if default_model_id not in ids:
+        raise ConfigError(
+            f"default model id {default_model_id!r} matches no model; configured ids: {', '.join(ids)}",
+            param="default_model_id",
+        )
+
+
+def check_serve_config(config: ServeConfig) -> None:
+    """Everything that can be wrong without touching a checkpoint."""
+    if not config.models:
+        raise ConfigError("no models configured")
+    check_unique_ids(config.models, "models")
+    check_default_model_id(config.models, config.default_model_id)
+    for entry in config.models:
+        where = f"model {entry.model_id!r}"
+        kind = entry.model.kind
+        if kind == VISION_PLAIN:
+            raise ConfigError(f"{where}: vision models (VisionPlain / vision-plain) are not supported yet")
+        if kind == PLAIN and not entry.model.model_id:
+            raise ConfigError(f"{where}: Plain needs a model_id (hub repo or local path)", param="model_id")
+        if kind == GGUF and not entry.model.quantized_model_id:
+            raise ConfigError(f"{where}: Gguf needs a quantized_model_id (hub repo, dir or file)",
+                              param="quantized_model_id")
+        if kind not in (PLAIN, GGUF, VISION_PLAIN):
+            raise ConfigError(f"{where}: unknown model kind {kind!r}; expected plain, gguf or vision_plain")
+    engine = config.engine
+    if engine.max_batch < 1 or engine.max_seq_len < 1 or engine.max_queue < 0:
+        raise ConfigError("engine: max_batch and max_seq_len must be >= 1, max_queue >= 0")
+    if not 0 < config.server.port < 65536:
+        raise ConfigError(f"server.port {config.server.port} is not a TCP port", param="port")
