@@ -1,0 +1,420 @@
+"""One engine per model: a thread that batches every in-flight request into one
+decode step (continuous batching), with on-device sampling and streaming events.
+
+Loop, per iteration: apply cancellations; prefill waiting requests into free slots;
+dispatch the decode step for all slots (async); only then copy the *previous*
+step's tokens to the host and turn them into events, so the host work overlaps the
+device step. A slot's token from a step dispatched after its request finished is
+dropped (each step remembers which sequence owned each slot).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from mrs.config.schema import EngineConfig
+from mrs.engine.detokenizer import IncrementalDetokenizer
+from mrs.engine.sampling import SampleOut, host_row
+from mrs.engine.steps import Steps, bucket_for, kv_buckets
+from mrs.engine.stream import RequestStream
+from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
+from mrs.engine.validate import validate_request
+from mrs.errors import InvalidRequest, ModelUnavailable, Overloaded
+from mrs.loading.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    request: GenerationRequest
+    stream: RequestStream
+    stop_ids: frozenset[int]
+    seed: int
+    seqs: list["_Seq"] = field(default_factory=list)
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One of a request's ``n`` choices; owns a slot while it runs."""
+
+    req: _Request
+    index: int
+    max_tokens: int
+    detok: IncrementalDetokenizer
+    slot: int | None = None
+    generated: int = 0  # tokens seen on the host
+    dispatched: int = 0  # decode steps dispatched after the prefill
+    done: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.request.prompt_ids)
+
+
+@dataclass
+class _Step:
+    out: SampleOut
+    owners: list[_Seq | None]
+    started: float
+
+
+class Engine:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.config = config or EngineConfig()
+        self.tokenizer = checkpoint.tokenizer
+        model_config = checkpoint.config
+        self.context_limit = min(self.config.max_seq_len, model_config.max_position_embeddings)
+        self.max_batch = self.config.max_batch
+        self._prefill_buckets = sorted({b for b in self.config.prefill_buckets if b <= self.context_limit}) or [
+            self.context_limit
+        ]
+        self._kv_buckets = kv_buckets(self.context_limit)
+        self._steps = Steps(model_config, self.max_batch, self.context_limit)
+        self._params = jax.device_put(checkpoint.params)
+        self._state: Any = None
+        self._slots: list[_Seq | None] = [None] * self.max_batch
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._requests: dict[str, _Request] = {}
+        self._cancels: set[str] = set()
+        self._wake = threading.Event()
+        self._ready = threading.Event()
+        self._stopping = False
+        self._fatal: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._tokens_generated = 0
+        self._steps_run = 0
+        self._step_seconds = 0.0
+        self._warmup_seconds = 0.0
+
+    # ---- public API -------------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> "Engine":
+        """Start the engine thread; with ``wait``, return once every bucket is compiled."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mrs-engine", daemon=True)
+            self._thread.start()
+        if wait:
+            self._ready.wait()
+            if self._fatal is not None:
+                raise ModelUnavailable(f"engine failed to start: {self._fatal}") from self._fatal
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._fatal is None
+
+    @property
+    def healthy(self) -> bool:
+        return self._fatal is None and not self._stopping
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; returns its event stream (async inside an event loop, else sync).
+
+        Raises ``InvalidRequest``/``ContextLengthExceeded`` for bad input and
+        ``Overloaded`` when ``max_queue`` requests already wait; nothing is queued then.
+        """
+        max_tokens = validate_request(
+            request, vocab_size=self.checkpoint.config.vocab_size,
+            context_limit=self.context_limit, max_batch=self.max_batch,
+        )
+        sp = request.sampling
+        stop_ids = set(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            stop_ids.update(self.checkpoint.eos_token_ids)
+        seed = sp.seed if sp.seed is not None else secrets.randbits(32)
+        req = _Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed)
+        req.seqs = [
+            _Seq(req, i, max_tokens, IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sp.stop))
+            for i in range(sp.n)
+        ]
+        with self._lock:
+            if self._stopping or self._fatal is not None:
+                raise ModelUnavailable("the engine is not running")
+            if request.request_id in self._requests:
+                raise InvalidRequest(f"request id {request.request_id!r} is already in flight", param="request_id")
+            if self._queue_depth() >= self.config.max_queue:
+                raise Overloaded(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+            self._requests[request.request_id] = req
+            self._waiting.extend(req.seqs)
+        self._wake.set()
+        return req.stream
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its choices finish with reason ``cancelled`` and free their slots."""
+        with self._lock:
+            self._cancels.add(request_id)
+        self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            queue_depth = self._queue_depth()
+        busy = sum(s is not None for s in self._slots)
+        return {
+            "ready": self.ready,
+            "healthy": self.healthy,
+            "slots_busy": busy,
+            "slots_total": self.max_batch,
+            "queue_depth": queue_depth,
+            "tokens_generated": self._tokens_generated,
+            "decode_steps": self._steps_run,
+            "step_time_ms": 1000 * self._step_seconds,
+            "warmup_s": self._warmup_seconds,
+            "compiles": sum(self._steps.traces.values()),
+            "param_bytes": sum(x.nbytes for x in jax.tree.leaves(self._params)),
+            "kv_bytes": sum(x.nbytes for x in jax.tree.leaves(self._state.cache)) if self._state else 0,
+            "context_limit": self.context_limit,
+        }
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread; requests still in flight finish with reason ``cancelled``."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- engine thread ----------------------------------------------------------------
+
+    def _queue_depth(self) -> int:
+        return len({id(seq.req) for seq in self._waiting})
+
+    def _run(self) -> None:
+        try:
+            self._state = self._steps.init_state()
+            if self.config.warmup:
+                self._warmup()
+        except BaseException as exc:  # report through start(); callers never hang
+            log.exception("engine warm-up failed")
+            self._fatal = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        pending: _Step | None = None
+        while True:
+            with self._lock:
+                if self._stopping:
+                    break
+            try:
+                self._apply_cancels()
+                admitted = self._admit()
+                step = self._dispatch()
+                if pending is not None:
+                    self._collect(pending)
+                for seq, out in admitted:
+                    self._emit_first(seq, out)
+                pending = step
+            except Exception as exc:  # a failed step: its requests get an error, the engine goes on
+                log.exception("decode step failed")
+                pending = None
+                self._reset(exc)
+                continue
+            if pending is None and not admitted:
+                self._wake.wait()
+                self._wake.clear()
+        self._close()
+
+    def _warmup(self) -> None:
+        """Compile every prefill bucket, chunk continuation and decode kv bucket."""
+        begin = time.perf_counter()
+        row = host_row(
+            self.checkpoint.config.vocab_size, temperature=1.0, top_k=2, top_p=0.9, min_p=0.0,
+            presence=0.0, frequency=0.0, repetition=1.0, seed=0, choice=0, top_logprobs=1, logit_bias={},
+        )
+        self._state = self._steps.insert(self._state, np.int32(0), row)
+        for length in self._prefill_buckets:
+            self._prefill_chunk(0, [0], 0, length, final=True)
+        for kv_len in sorted({self._chunk_kv_len(start) for start in self._continuations()}):
+            self._state, _ = self._steps.prefill(
+                self._params, self._state, np.int32(0), np.zeros(self._prefill_buckets[-1], np.int32),
+                np.int32(self._prefill_buckets[-1]), np.int32(1), np.bool_(True), kv_len=kv_len,
+            )
+        active = np.zeros(self.max_batch, bool)
+        active[0] = True
+        for kv_len in self._kv_buckets:
+            self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len)
+        jax.block_until_ready(out)
+        self._state = self._steps.init_state()
+        self._warmup_seconds = time.perf_counter() - begin
+
+    def _continuations(self) -> range:
+        chunk = self._prefill_buckets[-1]
+        return range(chunk, self.context_limit, chunk)
+
+    def _chunk_kv_len(self, start: int) -> int:
+        return bucket_for(start + self._prefill_buckets[-1], self._kv_buckets)
+
+    def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool) -> SampleOut:
+        tokens = np.zeros(length, np.int32)
+        tokens[: len(chunk)] = chunk
+        kv_len = length if start == 0 else self._chunk_kv_len(start)
+        self._state, out = self._steps.prefill(
+            self._params, self._state, np.int32(slot), tokens, np.int32(start),
+            np.int32(len(chunk)), np.bool_(final), kv_len=kv_len,
+        )
+        return out
+
+    def _prefill(self, seq: _Seq, slot: int) -> SampleOut:
+        """Insert ``seq``'s sampling row into ``slot`` and prefill its prompt (chunked)."""
+        request = seq.req.request
+        sp = request.sampling
+        row = host_row(
+            self.checkpoint.config.vocab_size, temperature=sp.temperature, top_k=max(sp.top_k, 0),
+            top_p=sp.top_p, min_p=sp.min_p, presence=sp.presence_penalty, frequency=sp.frequency_penalty,
+            repetition=sp.repetition_penalty, seed=seq.req.seed, choice=seq.index,
+            top_logprobs=sp.top_logprobs if sp.logprobs else 0, logit_bias=sp.logit_bias,
+        )
+        self._state = self._steps.insert(self._state, np.int32(slot), row)
+        ids, chunk_size = request.prompt_ids, self._prefill_buckets[-1]
+        for start in range(0, len(ids), chunk_size):
+            chunk = ids[start : start + chunk_size]
+            final = start + chunk_size >= len(ids)
+            length = bucket_for(len(chunk), self._prefill_buckets) if start == 0 else chunk_size
+            out = self._prefill_chunk(slot, chunk, start, length, final)
+        return out
+
+    def _admit(self) -> list[tuple[_Seq, SampleOut]]:
+        admitted = []
+        while True:
+            free = next((i for i, s in enumerate(self._slots) if s is None), None)
+            with self._lock:
+                if free is None or not self._waiting:
+                    break
+                seq = self._waiting.popleft()
+            if seq.done:
+                continue
+            try:
+                out = self._prefill(seq, free)
+            except Exception as exc:
+                log.exception("prefill of %s failed", seq.req.request.request_id)
+                self._fail_request(seq.req, exc)
+                if any(x.is_deleted() for x in jax.tree.leaves(self._state)):
+                    self._reset(exc)  # the donated state went down with it
+                continue
+            seq.slot = free
+            self._slots[free] = seq
+            admitted.append((seq, out))
+        return admitted
+
+    def _dispatch(self) -> _Step | None:
+        """Launch one decode step for every slot that may still produce a token."""
+        active = np.zeros(self.max_batch, bool)
+        owners: list[_Seq | None] = [None] * self.max_batch
+        longest = 0
+        for i, seq in enumerate(self._slots):
+            if seq is None or seq.done or 1 + seq.dispatched >= seq.max_tokens:
+                continue
+            active[i], owners[i] = True, seq
+            longest = max(longest, seq.prompt_len + seq.dispatched + 1)
+            seq.dispatched += 1
+        if not active.any():
+            return None
+        started = time.perf_counter()
+        kv_len = bucket_for(longest, self._kv_buckets)
+        self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len)
+        return _Step(out, owners, started)
+
+    def _collect(self, step: _Step) -> None:
+        host = jax.device_get(step.out)  # the one device-to-host copy of this step
+        self._steps_run += 1
+        self._step_seconds = time.perf_counter() - step.started
+        for i, seq in enumerate(step.owners):
+            if seq is not None and not seq.done:
+                self._emit(seq, host, i)
+
+    def _emit_first(self, seq: _Seq, out: SampleOut) -> None:
+        if not seq.done:
+            self._emit(seq, jax.device_get(out), 0)
+
+    def _emit(self, seq: _Seq, host: SampleOut, row: int) -> None:
+        """Turn one sampled token into a delta (and maybe a finish) for ``seq``."""
+        token = int(host.tokens[row])
+        seq.generated += 1
+        self._tokens_generated += 1
+        sp = seq.req.request.sampling
+        logprobs = [self._logprob(token, host, row, sp.top_logprobs)] if sp.logprobs else None
+        reason = None
+        if token in seq.req.stop_ids:
+            text, reason = seq.detok.flush(), "stop"
+        else:
+            text = seq.detok.add(token)
+            if seq.detok.stopped:
+                reason = "stop"
+            elif seq.generated >= seq.max_tokens:
+                text, reason = text + seq.detok.flush(), "length"
+        seq.req.stream.push(TokenDelta(seq.index, text, [token], logprobs))
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _logprob(self, token: int, host: SampleOut, row: int, top: int) -> TokenLogprob:
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        alternatives = [
+            (int(t), decode(int(t)), float(lp))
+            for t, lp in zip(host.top_ids[row][:top], host.top_logprobs[row][:top])
+        ]
+        return TokenLogprob(token, decode(token), float(host.logprob[row]), alternatives)
+
+    def _finish(self, seq: _Seq, reason: str, error: Exception | None = None) -> None:
+        seq.done = True
+        if seq.slot is not None and self._slots[seq.slot] is seq:
+            self._slots[seq.slot] = None
+        seq.req.stream.push(Finish(seq.index, reason, Usage(seq.prompt_len, seq.generated), error))
+        if all(s.done for s in seq.req.seqs):
+            with self._lock:
+                self._requests.pop(seq.req.request.request_id, None)
+
+    def _fail_request(self, req: _Request, exc: Exception) -> None:
+        for seq in req.seqs:
+            if not seq.done:
+                self._finish(seq, "error", exc)
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            ids, self._cancels = self._cancels, set()
+            reqs = [self._requests[i] for i in ids if i in self._requests]
+            if reqs:
+                self._waiting = collections.deque(s for s in self._waiting if s.req not in reqs)
+        for req in reqs:
+            req.cancelled = True
+            for seq in req.seqs:
+                if not seq.done:
+                    self._finish(seq, "cancelled")
+
+    def _reset(self, exc: Exception) -> None:
+        """After a failed step: error out the running sequences and rebuild the state."""
+        for seq in self._slots:
+            if seq is not None:
+                self._fail_request(seq.req, exc)
+        self._slots = [None] * self.max_batch
+        try:
+            self._state = self._steps.init_state()
+        except Exception as fatal:  # cannot even allocate: report unhealthy and stop
+            log.exception("engine state could not be rebuilt")
+            self._fatal = fatal
+            with self._lock:
+                self._stopping = True
+
+    def _close(self) -> None:
+        """Finish whatever is left when the thread stops, so no caller waits forever."""
+        with self._lock:
+            reqs = list(self._requests.values())
+            self._waiting.clear()
+        for req in reqs:
+            for seq in req.seqs:
+                if not seq.done:
+                    if self._fatal is not None:
+                        self._finish(seq, "error", ModelUnavailable(f"engine failed: {self._fatal}"))
+                    else:
+                        self._finish(seq, "cancelled")

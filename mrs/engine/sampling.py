@@ -1,0 +1,156 @@
+"""On-device sampling for every slot at once, each slot with its own parameters.
+
+All per-request parameters are arrays (one row per slot), so a new request never
+compiles. Order of operations, per slot:
+  raw logits -> repetition penalty (prompt and output tokens) -> presence and
+  frequency penalties (output tokens) -> logit_bias -> greedy if temperature == 0,
+  else / temperature -> top_k -> top_p and min_p (on the top_k-renormalized
+  distribution) -> Gumbel-max draw.
+Logprobs are the log-softmax of the raw model logits (what vLLM reports by default).
+
+Randomness: slot ``b`` draws with key ``fold_in(fold_in(key(seed_b), choice_b), step_b)``
+and Gumbel noise indexed by token id, so a seeded request gets the same tokens
+whatever else shares the batch and whichever filtering branch runs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_TOP_LOGPROBS = 20
+
+Array = jax.Array
+
+
+class SlotSampling(NamedTuple):
+    """Sampling parameters, one row per slot (``[B]``, ``logit_bias [B, V]``)."""
+
+    temperature: Array  # float32; 0 = greedy
+    top_k: Array  # int32; 0 = off
+    top_p: Array  # float32; 1 = off
+    min_p: Array  # float32; 0 = off
+    presence: Array  # float32
+    frequency: Array  # float32
+    repetition: Array  # float32; 1 = off
+    seed: Array  # uint32
+    choice: Array  # int32: index among a request's n samples (separates their streams)
+    top_logprobs: Array  # int32: how many alternatives the request wants (0 = none)
+    logit_bias: Array  # float32 [B, V]
+
+
+class SampleOut(NamedTuple):
+    tokens: Array  # int32 [B]
+    logprob: Array  # float32 [B]: raw log-probability of the chosen token
+    top_ids: Array  # int32 [B, MAX_TOP_LOGPROBS]
+    top_logprobs: Array  # float32 [B, MAX_TOP_LOGPROBS]
+
+
+def host_row(
+    vocab_size: int,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    presence: float,
+    frequency: float,
+    repetition: float,
+    seed: int,
+    choice: int,
+    top_logprobs: int,
+    logit_bias: dict[int, float],
+) -> SlotSampling:
+    """One slot's parameters as numpy scalars (and a dense bias row) ready to insert."""
+    bias = np.zeros(vocab_size, np.float32)
+    for token, value in logit_bias.items():
+        bias[int(token)] = value
+    return SlotSampling(
+        np.float32(temperature), np.int32(top_k), np.float32(top_p), np.float32(min_p),
+        np.float32(presence), np.float32(frequency), np.float32(repetition),
+        np.uint32(seed % 2**32), np.int32(choice), np.int32(top_logprobs), bias,
+    )
+
+
+def empty_rows(batch: int, vocab_size: int) -> SlotSampling:
+    """Neutral parameters for ``batch`` idle slots (greedy, no penalties)."""
+    f = lambda v: jnp.full((batch,), v, jnp.float32)  # noqa: E731
+    i = lambda v: jnp.full((batch,), v, jnp.int32)  # noqa: E731
+    return SlotSampling(
+        f(0.0), i(0), f(1.0), f(0.0), f(0.0), f(0.0), f(1.0),
+        jnp.zeros((batch,), jnp.uint32), i(0), i(0), jnp.zeros((batch, vocab_size), jnp.float32),
+    )
+
+
+def penalized_logits(logits: Array, sp: SlotSampling, counts: Array, seen: Array) -> Array:
+    """Apply repetition, presence and frequency penalties and logit_bias to ``[B, V]`` logits."""
+    rep = sp.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = counts.astype(jnp.float32)
+    logits = logits - sp.presence[:, None] * (counts > 0) - sp.frequency[:, None] * counts
+    return logits + sp.logit_bias
+
+
+def keep_threshold(scaled: Array, sp: SlotSampling) -> Array:
+    """Per slot, the smallest (temperature-scaled) logit that top_k/top_p/min_p keep.
+
+    The kept set of each filter is a prefix of the descending order, so their
+    intersection is too, and a threshold on the logit describes it.
+    """
+    vocab = scaled.shape[-1]
+    ordered = -jnp.sort(-scaled, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    in_top_k = (sp.top_k[:, None] <= 0) | (rank < sp.top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_top_k & (before < sp.top_p[:, None]) & (probs >= sp.min_p[:, None] * probs[:, :1])
+    count = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    return jnp.take_along_axis(ordered, (count - 1)[:, None], axis=-1)
+
+
+def _gumbel(sp: SlotSampling, step: Array, vocab: int) -> Array:
+    def one(seed: Array, choice: Array, step: Array) -> Array:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), step)
+        return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+    return jax.vmap(one)(sp.seed, sp.choice, step)
+
+
+def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
+    """Random tokens for slots with temperature > 0, greedy for the others."""
+    temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    filtering = (sp.temperature > 0) & ((sp.top_k > 0) | (sp.top_p < 1) | (sp.min_p > 0))
+    threshold = jax.lax.cond(
+        jnp.any(filtering),
+        lambda: keep_threshold(scaled, sp),
+        lambda: jnp.full((logits.shape[0], 1), -jnp.inf, jnp.float32),
+    )
+    noisy = scaled + _gumbel(sp, step, logits.shape[-1])
+    sampled = jnp.argmax(jnp.where(scaled >= threshold, noisy, -jnp.inf), axis=-1)
+    return jnp.where(sp.temperature > 0, sampled, jnp.argmax(logits, axis=-1))
+
+
+def sample(logits: Array, sp: SlotSampling, counts: Array, seen: Array, step: Array) -> SampleOut:
+    """Sample one token per slot from float32 ``logits [B, V]``."""
+    processed = penalized_logits(logits, sp, counts, seen)
+    tokens = jax.lax.cond(
+        jnp.any(sp.temperature > 0),
+        lambda: _draw(processed, sp, step),
+        lambda: jnp.argmax(processed, axis=-1),
+    ).astype(jnp.int32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    batch = logits.shape[0]
+    top_lp, top_ids = jax.lax.cond(
+        jnp.any(sp.top_logprobs > 0),
+        lambda: tuple(jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)),
+        lambda: (
+            jnp.zeros((batch, MAX_TOP_LOGPROBS), jnp.float32),
+            jnp.zeros((batch, MAX_TOP_LOGPROBS), jnp.int32),
+        ),
+    )
+    return SampleOut(tokens, chosen, top_ids.astype(jnp.int32), top_lp)

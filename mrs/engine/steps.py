@@ -1,0 +1,166 @@
+"""The jitted steps (JetStream-style): insert a request's sampling row, prefill a
+chunk of its prompt into its slot, and decode one token for every slot at once.
+
+The whole decode state lives on device and is donated to every step, so the KV
+cache is updated in place. Shapes are fixed by (max_batch, max_seq_len) and the
+static bucket arguments; everything per request is an array.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample
+from mrs.models.config import ModelConfig
+from mrs.models.layers import PAD_POSITION, KVCache, init_cache
+from mrs.models.registry import build_model
+
+Array = jax.Array
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache  # per layer (k, v), each [B, S, Hkv, D]
+    tokens: Array  # int32 [B]: last sampled token, the next decode input
+    positions: Array  # int32 [B]: position of that token
+    step: Array  # int32 [B]: tokens generated so far (indexes the PRNG stream)
+    counts: Array  # int32 [B, V]: output token counts (presence/frequency penalties)
+    seen: Array  # bool [B, V]: prompt or output tokens (repetition penalty)
+    sampling: SlotSampling
+
+
+def kv_buckets(max_seq_len: int, smallest: int = 128) -> list[int]:
+    """Static attention lengths: doublings from ``smallest`` up to ``max_seq_len``."""
+    buckets, size = [], smallest
+    while size < max_seq_len:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_seq_len]
+
+
+def bucket_for(length: int, buckets: list[int]) -> int:
+    for size in buckets:
+        if length <= size:
+            return size
+    return buckets[-1]
+
+
+def _slot_row(tree: Any, slot: Array) -> Any:
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0), tree)
+
+
+def _set_row(tree: Any, slot: Array, row: Any) -> Any:
+    return jax.tree.map(
+        lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, jnp.asarray(r, x.dtype).reshape((1,) + x.shape[1:]), slot, axis=0),
+        tree,
+        row,
+    )
+
+
+class Steps:
+    """Owns the model and the compiled step functions for one engine."""
+
+    def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int) -> None:
+        self.config = config
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.model = build_model(config)
+        # Incremented while tracing: a compile counter for tests and stats.
+        self.traces: Counter[str] = Counter()
+        self.insert = jax.jit(self._insert, donate_argnums=(0,))
+        self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("kv_len",))
+        self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("kv_len",))
+
+    def init_state(self) -> DecodeState:
+        b, v = self.max_batch, self.config.vocab_size
+        return DecodeState(
+            cache=init_cache(self.config, b, self.max_seq_len),
+            tokens=jnp.zeros((b,), jnp.int32),
+            positions=jnp.full((b,), PAD_POSITION, jnp.int32),
+            step=jnp.zeros((b,), jnp.int32),
+            counts=jnp.zeros((b, v), jnp.int32),
+            seen=jnp.zeros((b, v), bool),
+            sampling=empty_rows(b, v),
+        )
+
+    def _insert(self, state: DecodeState, slot: Array, row: SlotSampling) -> DecodeState:
+        """Give ``slot`` a new request's sampling parameters and clear its history."""
+        self.traces["insert"] += 1
+        return state._replace(
+            step=state.step.at[slot].set(0),
+            counts=_set_row(state.counts, slot, jnp.zeros((self.config.vocab_size,), jnp.int32)),
+            seen=_set_row(state.seen, slot, jnp.zeros((self.config.vocab_size,), bool)),
+            sampling=_set_row(state.sampling, slot, row),
+        )
+
+    def _prefill(
+        self,
+        params: Any,
+        state: DecodeState,
+        slot: Array,
+        tokens: Array,
+        start: Array,
+        n_real: Array,
+        final: Array,
+        *,
+        kv_len: int,
+    ) -> tuple[DecodeState, SampleOut]:
+        """Run prompt chunk ``tokens [L]`` (first ``n_real`` real) at ``start`` in ``slot``.
+
+        On the final chunk, samples the first output token and arms the slot for decode.
+        """
+        self.traces[f"prefill/{tokens.shape[0]}/{kv_len}"] += 1
+        length = tokens.shape[0]
+        offsets = jnp.arange(length)
+        real = offsets < n_real
+        positions = jnp.where(real, start + offsets, PAD_POSITION)[None]
+        cache = _slot_row(state.cache, slot)
+        logits, cache = self.model.apply(
+            {"params": params}, tokens[None], positions, cache,
+            logits_at=(n_real - 1)[None], kv_len=kv_len,
+        )
+        vocab = self.config.vocab_size
+        seen = state.seen.at[slot, jnp.where(real, tokens, vocab)].set(True, mode="drop")
+        row = lambda x: _slot_row(x, slot)  # noqa: E731
+        out = sample(logits, row(state.sampling), row(state.counts), row(seen), row(state.step))
+        token = out.tokens[0]
+        state = state._replace(
+            cache=_set_row(state.cache, slot, cache),
+            tokens=state.tokens.at[slot].set(jnp.where(final, token, state.tokens[slot])),
+            positions=state.positions.at[slot].set(start + n_real),
+            step=state.step.at[slot].add(final.astype(jnp.int32)),
+            counts=state.counts.at[slot, token].add(final.astype(jnp.int32)),
+            seen=seen.at[slot, token].set(seen[slot, token] | final),
+        )
+        return state, out
+
+    def _decode(
+        self, params: Any, state: DecodeState, active: Array, *, kv_len: int
+    ) -> tuple[DecodeState, SampleOut]:
+        """One token for every ``active`` slot; idle slots read and write nothing."""
+        self.traces[f"decode/{kv_len}"] += 1
+        positions = jnp.where(active, state.positions, PAD_POSITION)
+        logits, cache = self.model.apply(
+            {"params": params}, state.tokens[:, None], positions[:, None], state.cache,
+            logits_at=jnp.zeros((self.max_batch,), jnp.int32), kv_len=kv_len,
+        )
+        out = sample(logits, state.sampling, state.counts, state.seen, state.step)
+        tokens = jnp.where(active, out.tokens, state.tokens)
+        grow = active.astype(jnp.int32)
+        slots = jnp.arange(self.max_batch)
+        state = state._replace(
+            cache=cache,
+            tokens=tokens,
+            positions=state.positions + grow,
+            step=state.step + grow,
+            counts=state.counts.at[slots, tokens].add(grow),
+            seen=state.seen.at[slots, tokens].set(state.seen[slots, tokens] | active),
+        )
+        return state, out
+
+    def state_bytes(self, state: DecodeState) -> int:
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
