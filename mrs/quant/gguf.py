@@ -1,7 +1,9 @@
-"""GGUF tensors to JAX: plain arrays, or quantized arrays kept packed.
+"""GGUF tensors to JAX: float arrays, or QArrays that keep the file's quantization.
 
-First version: every tensor dequantizes through gguf-py's reference; the packed
-path (``keep_quantized=True`` returning a QArray) replaces it next.
+``keep_quantized=True`` repacks Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K
+tensors losslessly into ``QArray`` (see ``mrs.quant.ggml`` for each layout);
+otherwise they expand to ``dtype``. Types we do not repack (other K/IQ quants)
+always expand through gguf-py's reference dequantizer.
 """
 
 from __future__ import annotations
@@ -12,28 +14,48 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from mrs.quant.ggml import REPACKABLE, repack
+from mrs.quant.qarray import QArray
+
+
+def _float_values(data: np.ndarray, ggml_type: T) -> np.ndarray:
+    if ggml_type == T.BF16:  # stored as raw bytes/uint16: bfloat16 is float32's top half
+        bits = np.ascontiguousarray(data).view(np.uint16).astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32)
+    return gguf.quants.dequantize(np.asarray(data), ggml_type)
 
 
 def gguf_tensor_to_jax(
     data: np.ndarray,
-    ggml_type: gguf.GGMLQuantizationType,
+    ggml_type: T,
     shape: tuple[int, ...],
     *,
     keep_quantized: bool,
     dtype: Any,
-) -> Any:
+) -> jax.Array | QArray:
     """One GGUF tensor as a JAX value in numpy order (``[out, in]`` for matrices).
 
     ``data`` and ``shape`` are ``ReaderTensor.data`` / ``ReaderTensor.shape``
     (GGUF order ``ne0, ne1, ...``, the reverse of numpy's).
     """
     np_shape = tuple(int(d) for d in reversed(shape))
-    values = gguf.quants.dequantize(np.asarray(data), ggml_type).reshape(np_shape)
-    return jnp.asarray(values, dtype=dtype)
+    if ggml_type in REPACKABLE:
+        packed = repack(data, ggml_type, np_shape)
+        if keep_quantized:
+            return to_device(packed)
+        return to_device(packed).dequantize(dtype)
+    return jnp.asarray(_float_values(data, ggml_type).reshape(np_shape), dtype=dtype)
+
+
+def to_device(q: QArray, device: Any = None) -> QArray:
+    """A numpy-backed QArray with its leaves placed on ``device`` (default device if None)."""
+    return jax.tree.map(lambda a: jax.device_put(a, device), q)
 
 
 def permute_rows(x: Any, perm: np.ndarray) -> Any:
     """Reorder the rows (output dim, axis 0) of a plain or quantized array."""
-    if hasattr(x, "permute_rows"):
+    if isinstance(x, QArray):
         return x.permute_rows(perm)
     return jnp.asarray(x)[np.asarray(perm)]

@@ -1,0 +1,98 @@
+"""Repack ggml quantized blocks (as stored in GGUF files) into QArray storage, in numpy.
+
+Every repacking is lossless (dequantizing the QArray gives gguf-py's reference
+values bit for bit):
+- Q8_0 -> int8 blocks of 32, float16 scale (the same bits as ggml).
+- Q4_0 / Q4_1 -> ggml's own nibble layout, float16 scale (and float16 min for Q4_1).
+- Q5_0 / Q5_1 -> the 5-bit values in int8 blocks of 32 (8.5 / 9 bits per weight
+  instead of ggml's 5.5 / 6: a byte per value is what makes dequantization one pass).
+- Q4_K -> 4-bit blocks of 32 with a float32 scale ``d * sc`` and min ``-dmin * m``
+  per block (6 bits per weight instead of 4.5: the two-level 6-bit scales are folded
+  into one exact float32 per block).
+- Q6_K -> the 6-bit values in int8 blocks of 16, float32 scale ``d * sc`` (10 bits
+  per weight instead of 6.56).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from mrs.quant.qarray import QArray
+
+# GGUF types kept packed (everything else is expanded to a float array).
+REPACKABLE = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q6_K)
+
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """``[..., block]`` values in 0..15 -> ``[..., block/2]`` bytes, ggml's Q4 layout."""
+    half = values.shape[-1] // 2
+    lo, hi = values[..., :half].astype(np.uint8), values[..., half:].astype(np.uint8)
+    return lo | (hi << np.uint8(4))
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Inverse of ``pack_nibbles``: ``[..., n]`` bytes -> ``[..., 2n]`` values."""
+    return np.concatenate([qs & np.uint8(0xF), qs >> np.uint8(4)], axis=-1)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+
+
+def _q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit (scale, min) pairs packed in Q4_K's 12 scale bytes: ``[..., 8]`` each."""
+    d, m, m_d = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def repack(data: np.ndarray, ggml_type: T, shape: tuple[int, ...]) -> QArray:
+    """A GGUF tensor's raw blocks (``[rows, bytes_per_row]`` uint8) as a numpy-backed QArray.
+
+    ``shape`` is numpy order (``[out, in]``).
+    """
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    rows = int(np.prod(shape[:-1]))
+    if shape[-1] % block_size:
+        raise ValueError(f"{ggml_type.name} tensor of shape {shape}: last dim not a multiple of {block_size}")
+    nblocks = shape[-1] // block_size
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, nblocks, type_size)
+    shape = tuple(int(d) for d in shape)
+    name = ggml_type.name
+
+    if ggml_type == T.Q8_0:
+        return QArray(raw[..., 2:].view(np.int8), _f16(raw[..., :2]), None, shape=shape, fmt=name)
+    if ggml_type == T.Q4_0:
+        return QArray(raw[..., 2:].copy(), _f16(raw[..., :2]), None, shape=shape, bits=4, zero=8, fmt=name)
+    if ggml_type == T.Q4_1:
+        return QArray(raw[..., 4:].copy(), _f16(raw[..., :2]), _f16(raw[..., 2:4]), shape=shape, bits=4, fmt=name)
+    if ggml_type in (T.Q5_0, T.Q5_1):
+        head = 2 if ggml_type == T.Q5_0 else 4
+        qh = np.ascontiguousarray(raw[..., head:head + 4]).view(np.uint32)  # [rows, nblocks, 1]
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # bit j: value j's 5th bit
+        values = _nibbles(raw[..., head + 4:]) | (high << np.uint8(4))
+        if ggml_type == T.Q5_0:
+            return QArray((values.astype(np.int16) - 16).astype(np.int8), _f16(raw[..., :2]), None, shape=shape, fmt=name)
+        return QArray(values.view(np.int8), _f16(raw[..., :2]), _f16(raw[..., 2:4]), shape=shape, fmt=name)
+    if ggml_type == T.Q4_K:
+        d = _f16(raw[..., 0:2]).astype(np.float32)[..., None]
+        dmin = _f16(raw[..., 2:4]).astype(np.float32)[..., None]
+        sc, mn = _q4_k_scale_min(raw[..., 4:16])
+        # qs: four chunks of 32 bytes; low nibbles are sub-block 2c, high nibbles 2c+1.
+        qs = raw[..., 16:].reshape(rows, nblocks, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+        values = (qs & np.uint8(0xF)).reshape(rows, nblocks * 8, 32)
+        scale = (d * sc).reshape(rows, nblocks * 8)
+        min_ = (-dmin * mn).reshape(rows, nblocks * 8)
+        return QArray(pack_nibbles(values), scale, min_, shape=shape, bits=4, fmt=name)
+    if ggml_type == T.Q6_K:
+        ql, qh = raw[..., :128], raw[..., 128:192]
+        sc = np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32)
+        d = _f16(raw[..., 208:210]).astype(np.float32)[..., None]
+        low = (ql.reshape(rows, nblocks, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]) & np.uint8(0xF)
+        high = (qh.reshape(rows, nblocks, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & np.uint8(3)
+        values = low.reshape(rows, nblocks, 8, 32) | (high.reshape(rows, nblocks, 8, 32) << np.uint8(4))
+        values = (values.astype(np.int16) - 32).astype(np.int8).reshape(rows, nblocks * 16, 16)
+        return QArray(values, (d * sc).reshape(rows, nblocks * 16), None, shape=shape, block=16, fmt=name)
+    raise ValueError(f"cannot repack GGML type {name}; repackable: {', '.join(t.name for t in REPACKABLE)}")
