@@ -1,0 +1,109 @@
+"""``mrs``: the Hydra front door. ``mrs <command> key=value ...`` composes ``conf/``.
+
+    mrs serve models=[smollm2-135m,gemma3-270m] default_model_id=smollm2-135m server.port=1234
+    mrs serve multi_model_config=models.json engine=small
+    mrs generate model=smollm2-135m prompt='Hello' max_tokens=32
+    mrs chat model=smollm2-135m prompt='What is the capital of France?'
+    mrs fetch-models
+    mrs <command> ... --cfg        # print the composed config and exit
+
+``serve`` hands its ServeConfig to ``serving.runner.run``, the same code path as
+``mrs-server``; ``serving`` is imported inside the command because ``mrs`` never
+imports ``serving`` at module level (DESIGN.md layers).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from mrs.errors import ConfigError, MrsError
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _serve(overrides: list[str]) -> int:
+    from mrs.config.hydra import serve_config
+
+    config = serve_config(overrides)
+    from serving.runner import run  # lazy: mrs does not depend on serving at import time
+
+    return run(config)
+
+
+def _generate(overrides: list[str], chat: bool) -> int:
+    from mrs.config.hydra import compose_config, to_model_entry
+
+    cfg = compose_config(overrides)
+    if cfg.get("model") is None:
+        raise ConfigError("choose a model: model=<preset> (see conf/model/)", param="model")
+    entry = to_model_entry(cfg.model, "model")
+    if cfg.get("quant") is not None:
+        entry.in_situ_quant = str(cfg.quant.in_situ_quant)
+    import mrs
+
+    begin = time.perf_counter()
+    pipeline = mrs.load(entry)
+    print(f"[loaded {entry.model_id} in {time.perf_counter() - begin:.1f}s]", file=sys.stderr, flush=True)
+    options = dict(max_tokens=int(cfg.max_tokens), temperature=float(cfg.temperature),
+                   top_k=int(cfg.top_k), top_p=float(cfg.top_p), seed=cfg.seed)
+    if chat:
+        messages = ([{"role": "system", "content": str(cfg.system)}] if cfg.system else [])
+        messages.append({"role": "user", "content": str(cfg.prompt)})
+        result = pipeline.chat(messages, **options)
+    else:
+        result = pipeline.generate(str(cfg.prompt), **options)
+    print(result.text)
+    print(_speed_line(result), file=sys.stderr)
+    return 0
+
+
+def _speed_line(result: object) -> str:
+    timing = getattr(result, "timing", result)
+    prompt_tps = getattr(timing, "prompt_tok_per_s", None)
+    decode_tps = getattr(timing, "decode_tok_per_s", None)
+    return (f"[prompt: {getattr(timing, 'prompt_tokens', '?')} tokens, {prompt_tps:.1f} tok/s; "
+            f"decode: {getattr(timing, 'completion_tokens', '?')} tokens, {decode_tps:.1f} tok/s]")
+
+
+def _fetch(overrides: list[str]) -> int:
+    from mrs.fetch import main as fetch_main
+
+    return fetch_main(overrides) or 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "serve": _serve,
+    "generate": lambda o: _generate(o, chat=False),
+    "chat": lambda o: _generate(o, chat=True),
+    "fetch-models": _fetch,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(f"usage:{USAGE}\ncommands: {', '.join(COMMANDS)}")
+        return 0 if args else 2
+    command, overrides = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"mrs: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        if "--cfg" in overrides and command != "fetch-models":
+            from mrs.config.hydra import compose_config
+
+            cfg: DictConfig = compose_config([o for o in overrides if o != "--cfg"])
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return 0
+        return COMMANDS[command](overrides)
+    except MrsError as e:
+        print(f"mrs {command}: error: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

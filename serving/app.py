@@ -1,0 +1,192 @@
+"""The Quart app: thin handlers over the model table; errors mapped in serving.errors.
+
+Handlers only parse, route and shape; tokenization runs in worker threads and
+generation on each model's engine thread, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from quart import Quart, Response, request
+from quart_schema import QuartSchema, RequestSchemaValidationError, validate_request
+from quart_schema.openapi import Info
+from werkzeug.exceptions import HTTPException
+
+from mrs.engine.types import GenerationRequest
+from mrs.errors import InvalidRequest
+from serving import completions, protocol, sse
+from serving.errors import envelope, to_reply, validation_message
+from serving.metrics import Metrics
+from serving.table import LOADED, ModelTable
+
+_TOKENIZE_TIMEOUT_S = 60
+
+
+def create_app(table: ModelTable) -> Quart:
+    app = Quart("mrs")
+    QuartSchema(app, info=Info(title="mrs", version="0.1.0"), openapi_path="/openapi.json",
+                swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None)
+    metrics = Metrics(table.stats)
+    app.config["MRS_STARTED"] = False  # set by the runner once startup loading is over
+
+    def json_reply(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        return Response(json.dumps(body, ensure_ascii=False), status=status, headers=headers,
+                        content_type="application/json")
+
+    def error_reply(exc: BaseException) -> Response:
+        reply = to_reply(exc)
+        return json_reply(reply.body, reply.status, reply.headers)
+
+    def count(model: str, endpoint: str, status: int) -> None:
+        metrics.requests.labels(model, endpoint, str(status)).inc()
+
+    # ---- errors: the OpenAI envelope everywhere ----
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def _invalid(error: RequestSchemaValidationError) -> Response:
+        cause = error.validation_error
+        if isinstance(cause, Exception) and hasattr(cause, "errors"):
+            message, param = validation_message(cause)
+        else:
+            message, param = "the request body must be a JSON object", None
+        return json_reply(envelope(message, "invalid_request_error", param), 400)
+
+    @app.errorhandler(HTTPException)
+    async def _http(error: HTTPException) -> Response:
+        if error.code == 400:  # quart's own: malformed JSON
+            return json_reply(envelope(f"malformed JSON body: {error.description}", "invalid_request_error"), 400)
+        kind = "invalid_request_error" if (error.code or 500) < 500 else "server_error"
+        return json_reply(envelope(f"{error.name}: {error.description}", kind), error.code or 500)
+
+    @app.errorhandler(Exception)
+    async def _any(error: Exception) -> Response:
+        return error_reply(error)
+
+    # ---- completions ----
+
+    async def run_job(job: completions.Job, stream: bool, endpoint: str) -> Response:
+        try:
+            if not stream:
+                body = await completions.complete(job, metrics)
+                count(job.model_id, endpoint, 200)
+                return json_reply(body)
+            chunks = completions.stream(job, metrics)
+        except Exception as exc:
+            count(job.model_id, endpoint, to_reply(exc).status)
+            raise
+        count(job.model_id, endpoint, 200)
+        response = Response(chunks, headers=sse.HEADERS)
+        response.timeout = None  # a long generation is not a stalled response
+        return response
+
+    @app.post("/v1/chat/completions")
+    @validate_request(protocol.ChatCompletionRequest)
+    async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
+        model_id = table.resolve(data.model)
+        served = table.get(model_id)
+        ids = await asyncio.to_thread(served.encode_chat, data.template_messages())
+        job = completions.Job(served, model_id, GenerationRequest(ids, data.to_sampling(), protocol.new_id("chatcmpl")),
+                              chat=True, include_usage=data.include_usage)
+        return await run_job(job, data.stream, "chat")
+
+    @app.post("/v1/completions")
+    @validate_request(protocol.CompletionRequest)
+    async def text_completions(data: protocol.CompletionRequest) -> Response:
+        model_id = table.resolve(data.model)
+        served = table.get(model_id)
+        prompt = data.single_prompt()
+        if isinstance(prompt, str):
+            ids = await asyncio.to_thread(served.encode_prompt, prompt)
+            text = prompt
+        else:
+            ids = list(prompt)
+            text = await asyncio.to_thread(served.decode, ids) if data.echo else ""
+        job = completions.Job(served, model_id, GenerationRequest(ids, data.to_sampling(), protocol.new_id("cmpl")),
+                              chat=False, include_usage=data.include_usage, echo=text if data.echo else "")
+        return await run_job(job, data.stream, "completions")
+
+    # ---- models ----
+
+    def card(model_id: str) -> dict[str, Any]:
+        return protocol.model_card(model_id, table.created(model_id), table.status(model_id))
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return json_reply({"object": "list", "data": [card(m) for m in table.ids]})
+
+    @app.get("/v1/models/<path:model>")
+    async def get_model(model: str) -> Response:
+        return json_reply(card(table.resolve(model)))
+
+    async def manage(action: str) -> Response:
+        body = await request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("model_id"), str):
+            raise InvalidRequest('the body must be a JSON object {"model_id": "<id>"}', param="model_id")
+        model_id = table.resolve(body["model_id"])
+        if action == "unload":
+            status = await asyncio.to_thread(table.unload, model_id)
+        elif action == "reload":
+            status = await asyncio.to_thread(table.reload, model_id)
+        else:
+            status = table.status(model_id)
+        reply: dict[str, Any] = {"model_id": model_id, "status": status}
+        if error := table.error(model_id):
+            reply["error"] = error
+        return json_reply(reply)
+
+    @app.post("/v1/models/status")
+    async def model_status() -> Response:
+        return await manage("status")
+
+    @app.post("/v1/models/unload")
+    async def model_unload() -> Response:
+        return await manage("unload")
+
+    @app.post("/v1/models/reload")
+    async def model_reload() -> Response:
+        return await manage("reload")
+
+    # ---- tokenizer ----
+
+    @app.post("/tokenize")
+    @validate_request(protocol.TokenizeRequest)
+    async def tokenize(data: protocol.TokenizeRequest) -> Response:
+        model_id = table.resolve(data.model)
+        served = table.get(model_id)
+        if data.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in data.messages]
+            ids = await asyncio.to_thread(served.encode_chat, messages, data.add_generation_prompt)
+        elif data.add_special_tokens:
+            ids = await asyncio.to_thread(served.encode_prompt, data.prompt)
+        else:
+            ids = await asyncio.to_thread(served.tokenizer.encode, data.prompt, add_special_tokens=False)
+        return json_reply({"model": model_id, "tokens": ids, "count": len(ids),
+                           "max_model_len": served.context_limit})
+
+    @app.post("/detokenize")
+    @validate_request(protocol.DetokenizeRequest)
+    async def detokenize(data: protocol.DetokenizeRequest) -> Response:
+        model_id = table.resolve(data.model)
+        served = table.get(model_id)
+        vocab = served.checkpoint.config.vocab_size
+        bad = [t for t in data.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"tokens: ids must be in [0, {vocab}); got {bad[0]}", param="tokens")
+        return json_reply({"model": model_id, "prompt": await asyncio.to_thread(served.decode, data.tokens)})
+
+    # ---- operations ----
+
+    @app.get("/health")
+    async def health() -> Response:
+        statuses = {m: table.status(m) for m in table.ids}
+        ready = app.config["MRS_STARTED"] and any(s == LOADED for s in statuses.values())
+        return json_reply({"status": "ok" if ready else "loading", "models": statuses}, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

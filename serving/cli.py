@@ -1,0 +1,160 @@
+"""``mrs-server``: the seed's (mistral.rs's) command line, ending in a ``ServeConfig``.
+
+    mrs-server --port 1234 plain -m <id or path> -a <arch>
+    mrs-server --port 1234 gguf -m <repo or dir> -f <file> [-t <tok_model_id>]
+    mrs-server --port 1234 --multi-model --multi-model-config models.json --default-model-id <id>
+    mrs-server -i gguf -m <dir> -f <file>          # terminal chat instead of HTTP
+
+Per-model options (``--chat-template``, ``--jinja-explicit``, ``--isq``,
+``--num-device-layers``, ``--dtype``) are accepted before or after the subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mrs.config.mistralrs import load_multi_model_config
+from mrs.config.schema import (
+    GGUF, PLAIN, VISION_PLAIN, EngineConfig, ModelEntry, ModelSource, ServeConfig, ServerConfig,
+)
+from mrs.config.validate import check_serve_config
+from mrs.errors import ConfigError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options of one model; on subcommands they default to SUPPRESS so the global value stays."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("-c", "--chat-template", default=default,
+                        help="chat template: a jinja file or a literal template")
+    parser.add_argument("-j", "--jinja-explicit", default=default,
+                        help="jinja template file that overrides every other template")
+    parser.add_argument("--isq", default=default, help="in-situ quantization, e.g. Q8_0, Q4_0, Q4K")
+    parser.add_argument("-n", "--num-device-layers", nargs="+", default=default,
+                        help='layers per device, mistral.rs syntax: "8" or "0:16;1:14"')
+    parser.add_argument("-d", "--dtype", choices=_DTYPES, default=argparse.SUPPRESS if suppress else "float32",
+                        help="parameter and activation dtype (default float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrs-server",
+        description="Serve one or several LLMs (JAX/Flax) behind an OpenAI-compatible HTTP API.",
+    )
+    parser.add_argument("--host", "--serve-ip", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("-p", "--port", type=int, default=1234, help="port to bind (default 1234)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--max-seqs", type=int, default=EngineConfig.max_batch,
+                        help=f"concurrent sequences per model, i.e. decode slots (default {EngineConfig.max_batch})")
+    parser.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len,
+                        help=f"KV cache rows per sequence, capped by the model's context (default {EngineConfig.max_seq_len})")
+    parser.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
+                        help="waiting requests per model before 429 (default %(default)s)")
+    parser.add_argument("--prefill-buckets", type=_int_list, default=None,
+                        help="comma-separated padded prompt lengths to compile, e.g. 64,256")
+    parser.add_argument("--no-warmup", action="store_true", help="compile lazily instead of before serving")
+    parser.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout_s,
+                        help="seconds in-flight requests get on SIGINT/SIGTERM (default %(default)s)")
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="chat in the terminal with the default (else first) model instead of serving HTTP")
+    parser.add_argument("--multi-model", action="store_true", help="serve the models of --multi-model-config")
+    parser.add_argument("--multi-model-config", type=Path, help="multi-model JSON file")
+    parser.add_argument("--default-model-id", help="model for requests without `model` (default: the first)")
+    _model_options(parser, suppress=False)
+
+    sub = parser.add_subparsers(dest="command", metavar="{plain,gguf,vision-plain}")
+    plain = sub.add_parser("plain", help="a Hugging Face layout (safetensors) checkpoint")
+    plain.add_argument("-m", "--model-id", required=True, help="hub repo id or local directory")
+    plain.add_argument("-a", "--arch", help="architecture, e.g. llama, mistral, qwen2, gemma3, gpt2 "
+                                            "(default: from config.json)")
+    plain.add_argument("-t", "--tok-model-id", help="where the tokenizer comes from (default: the model)")
+    _model_options(plain, suppress=True)
+
+    gguf = sub.add_parser("gguf", help="a GGUF checkpoint")
+    gguf.add_argument("-m", "--quantized-model-id", required=True, help="hub repo id, local directory or file")
+    gguf.add_argument("-f", "--quantized-filename", help="the .gguf file inside -m (default: the only one)")
+    gguf.add_argument("-t", "--tok-model-id", help="where the tokenizer comes from (default: GGUF metadata)")
+    _model_options(gguf, suppress=True)
+
+    vision = sub.add_parser("vision-plain", help="a vision model (not supported yet)")
+    vision.add_argument("-m", "--model-id", required=True)
+    vision.add_argument("-a", "--arch")
+    _model_options(vision, suppress=True)
+    return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Turn parsed arguments into the typed config; ConfigError names what is wrong."""
+    if args.multi_model or args.multi_model_config:
+        if args.command:
+            raise ConfigError(f"--multi-model takes its models from the JSON file; drop the {args.command!r} subcommand")
+        if not args.multi_model_config:
+            raise ConfigError("--multi-model needs --multi-model-config <file.json>", param="multi_model_config")
+        models = load_multi_model_config(args.multi_model_config)
+    elif args.command:
+        models = [_single_entry(args)]
+    else:
+        raise ConfigError("choose a model: a subcommand (plain, gguf) or --multi-model --multi-model-config FILE")
+    engine = EngineConfig(
+        max_batch=args.max_seqs, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+        warmup=not args.no_warmup,
+    )
+    if args.prefill_buckets:
+        engine.prefill_buckets = args.prefill_buckets
+    config = ServeConfig(
+        server=ServerConfig(host=args.host, port=args.port, log_level=args.log_level,
+                            shutdown_timeout_s=args.shutdown_timeout),
+        engine=engine,
+        models=models,
+        default_model_id=args.default_model_id,
+        interactive=args.interactive,
+    )
+    check_serve_config(config)
+    return config
+
+
+def _single_entry(args: argparse.Namespace) -> ModelEntry:
+    if args.command == "gguf":
+        source = ModelSource(kind=GGUF, quantized_model_id=args.quantized_model_id,
+                             quantized_filename=args.quantized_filename, tok_model_id=args.tok_model_id)
+        # The file name is the informative part of a GGUF source (the dir is often a shared cache).
+        model_id = args.quantized_filename or Path(args.quantized_model_id).name
+    else:
+        kind = PLAIN if args.command == "plain" else VISION_PLAIN
+        source = ModelSource(kind=kind, model_id=args.model_id, arch=args.arch,
+                             tok_model_id=getattr(args, "tok_model_id", None))
+        model_id = args.model_id
+    return ModelEntry(
+        model_id=model_id, model=source, chat_template=args.chat_template,
+        jinja_explicit=args.jinja_explicit, num_device_layers=args.num_device_layers,
+        in_situ_quant=args.isq, dtype=args.dtype,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = serve_config_from_args(args)
+    except ConfigError as e:
+        parser.exit(2, f"mrs-server: error: {e.message}\n")
+    from serving.runner import run  # after parsing: a bad command line fails fast without JAX
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The model table: every configured model, its status and its engine; routes by request ``model``.
+
+Loading runs off the event loop (startup thread or ``asyncio.to_thread``). A model is
+``loading`` -> ``loaded``; ``unload`` stops its engine and drops its weights
+(``unloaded``); ``reload`` loads it again (``reloading`` -> ``loaded``). ``failed``
+keeps the load error for ``status``. Requests reach only ``loaded`` models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mrs.config.schema import EngineConfig, ModelEntry, ServeConfig
+from mrs.errors import ModelNotFound, ModelUnavailable
+from serving.served import ServedModel
+
+log = logging.getLogger(__name__)
+
+LOADING, LOADED, UNLOADED, RELOADING, FAILED = "loading", "loaded", "unloaded", "reloading", "failed"
+DEFAULT_ALIAS = "default"
+
+Loader = Callable[[ModelEntry, EngineConfig], ServedModel]
+
+
+@dataclass(eq=False)
+class _Row:
+    entry: ModelEntry
+    status: str = LOADING
+    served: ServedModel | None = None
+    error: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one load/unload at a time
+
+
+class ModelTable:
+    def __init__(self, config: ServeConfig, loader: Loader) -> None:
+        self._engine_config = config.engine
+        self._loader = loader
+        self._rows = {entry.model_id: _Row(entry) for entry in config.models}
+        self.default_id = config.default_model_id or config.models[0].model_id
+        self._aborted = False
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._rows)
+
+    # ---- routing ----------------------------------------------------------------------
+
+    def resolve(self, model: str | None) -> str:
+        """The id a request's ``model`` field names: omitted or "default" is the default model."""
+        if model is None or model == "" or model == DEFAULT_ALIAS:
+            return self.default_id
+        if model not in self._rows:
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; available models: {', '.join(self._rows)}",
+                param="model",
+            )
+        return model
+
+    def get(self, model: str | None) -> ServedModel:
+        """The served model for a request, or ModelNotFound (404) / ModelUnavailable (503)."""
+        model_id = self.resolve(model)
+        row = self._rows[model_id]
+        served = row.served
+        if row.status == LOADED and served is not None:
+            return served
+        hints = {
+            LOADING: "is still loading; retry shortly",
+            RELOADING: "is reloading; retry shortly",
+            UNLOADED: "is unloaded; POST /v1/models/reload with its model_id to load it",
+            FAILED: f"failed to load ({row.error}); POST /v1/models/reload to retry",
+        }
+        raise ModelUnavailable(f"model {model_id!r} {hints.get(row.status, 'is not available')}", param="model")
+
+    def status(self, model_id: str) -> str:
+        return self._row(model_id).status
+
+    def created(self, model_id: str) -> int:
+        return self._row(model_id).created
+
+    def error(self, model_id: str) -> str | None:
+        return self._row(model_id).error
+
+    @property
+    def ready(self) -> bool:
+        """True once startup loading is over and every model is loaded."""
+        return all(row.status == LOADED for row in self._rows.values())
+
+    # ---- lifecycle (blocking; call from threads) ---------------------------------------
+
+    def load_all(self) -> None:
+        """Load every model in order, with progress in the log; raises on the first failure."""
+        total = len(self._rows)
+        for i, (model_id, row) in enumerate(self._rows.items(), 1):
+            if self._aborted:
+                raise ModelUnavailable("startup loading stopped: the server is shutting down")
+            log.info("[%d/%d] loading model %r from %s", i, total, model_id, _describe(row.entry))
+            self._load(row, LOADING)
+            log.info("[%d/%d] model %r ready (%s)", i, total, model_id, row.served.summary())
+        log.info("all %d models loaded; default model: %r", total, self.default_id)
+
+    def abort_loading(self) -> None:
+        """Make ``load_all`` stop before its next model (shutdown during startup)."""
+        self._aborted = True
+
+    def reload(self, model_id: str) -> str:
+        row = self._row(model_id)
+        with row.lock:
+            if row.status == LOADED:
+                return LOADED
+            log.info("reloading model %r", model_id)
+            self._load(row, RELOADING, locked=True)
+            log.info("model %r reloaded (%s)", model_id, row.served.summary())
+        return LOADED
+
+    def unload(self, model_id: str) -> str:
+        row = self._row(model_id)
+        with row.lock:
+            served, row.served = row.served, None
+            if row.status in (LOADED, FAILED):
+                row.status = UNLOADED
+            if served is not None:
+                served.shutdown()
+                log.info("model %r unloaded", model_id)
+        return row.status
+
+    def shutdown(self) -> None:
+        for model_id in self._rows:
+            self.unload(model_id)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for model_id, row in self._rows.items():
+            served = row.served
+            stats = served.engine.stats() if served is not None else {}
+            out[model_id] = {
+                "status": row.status,
+                "queue_depth": stats.get("queue_depth", 0),
+                "busy_slots": stats.get("slots_busy", 0),
+                "slots": stats.get("slots_total", 0),
+            }
+        return out
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _row(self, model_id: str) -> _Row:
+        try:
+            return self._rows[model_id]
+        except KeyError:
+            raise ModelNotFound(
+                f"the model {model_id!r} does not exist; available models: {', '.join(self._rows)}",
+                param="model_id",
+            ) from None
+
+    def _load(self, row: _Row, status: str, locked: bool = False) -> None:
+        if not locked:
+            with row.lock:
+                return self._load(row, status, locked=True)
+        row.status, row.error = status, None
+        try:
+            row.served = self._loader(row.entry, self._engine_config)
+        except BaseException as exc:
+            row.status, row.error = FAILED, str(exc) or type(exc).__name__
+            raise
+        row.status, row.created = LOADED, int(time.time())
+
+
+def _describe(entry: ModelEntry) -> str:
+    source = entry.model
+    if source.kind == "gguf":
+        where = f"gguf {source.quantized_model_id}" + (f" / {source.quantized_filename}" if source.quantized_filename else "")
+    else:
+        where = f"{source.kind} {source.model_id}" + (f" (arch {source.arch})" if source.arch else "")
+    extras = [f"dtype {entry.dtype}"] + ([f"isq {entry.in_situ_quant}"] if entry.in_situ_quant else [])
+    return f"{where}, {', '.join(extras)}"
