@@ -45,8 +45,8 @@ class SlotSampling(NamedTuple):
 class SampleOut(NamedTuple):
     tokens: Array  # int32 [B]
     logprob: Array  # float32 [B]: raw log-probability of the chosen token
-    top_ids: Array  # int32 [B, MAX_TOP_LOGPROBS]
-    top_logprobs: Array  # float32 [B, MAX_TOP_LOGPROBS]
+    top_ids: Array  # int32 [B, min(MAX_TOP_LOGPROBS, V)]
+    top_logprobs: Array  # float32 [B, min(MAX_TOP_LOGPROBS, V)]
 
 
 def host_row(
@@ -144,13 +144,10 @@ def sample(logits: Array, sp: SlotSampling, counts: Array, seen: Array, step: Ar
     ).astype(jnp.int32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    batch = logits.shape[0]
+    shape = (logits.shape[0], min(MAX_TOP_LOGPROBS, logits.shape[-1]))
     top_lp, top_ids = jax.lax.cond(
         jnp.any(sp.top_logprobs > 0),
-        lambda: tuple(jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)),
-        lambda: (
-            jnp.zeros((batch, MAX_TOP_LOGPROBS), jnp.float32),
-            jnp.zeros((batch, MAX_TOP_LOGPROBS), jnp.int32),
-        ),
+        lambda: tuple(jax.lax.top_k(logprobs, shape[1])),
+        lambda: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32)),
     )
     return SampleOut(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
