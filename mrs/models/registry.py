@@ -1,27 +1,58 @@
-"""Architecture registry: the ``-a/--arch`` name -> Flax module class and HF config mapper."""
+"""Architecture registry: the ``-a/--arch`` name -> Flax module class and HF config mapper.
+
+Loaders meet the models here: ``config_from_hf`` turns a ``config.json`` into a
+``ModelConfig``, ``params_from_hf`` turns HF-named tensors into the module's
+parameter tree, ``check_params`` proves the tree is complete before serving.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-from mrs.models import llama
+from mrs.models import gemma3, gpt2, llama
 from mrs.models.config import ModelConfig
+from mrs.models.layers import ACTIVATIONS, init_cache
+from mrs.models.params import nest
+
+
+def _same_tensor(name: str, value: Any) -> tuple[str, Any] | None:
+    return name, value
+
+
+def _gemma3_tensor(name: str, value: Any) -> tuple[str, Any] | None:
+    ours = gemma3.hf_name(name)
+    return None if ours is None else (ours, value)
 
 
 @dataclass(frozen=True)
 class Arch:
     module: type[nn.Module]  # called as module(config)
     config_from_hf: Callable[..., ModelConfig]  # (hf config dict, dtype=...) -> ModelConfig
+    # One HF tensor -> (our name, array) or None to skip it (renames, layout fixes).
+    hf_tensor: Callable[[str, Any], tuple[str, Any] | None] = _same_tensor
+    # Used only when the checkpoint has no chat template and none is configured.
+    fallback_chat_template: str | None = None
 
 
 ARCHS: dict[str, Arch] = {
     "llama": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
     "mistral": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
     "qwen2": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
+    "gemma3": Arch(gemma3.Gemma3ForCausalLM, gemma3.config_from_hf, _gemma3_tensor),
+    "gpt2": Arch(gpt2.GPT2LMHeadModel, gpt2.config_from_hf, gpt2.hf_tensor, gpt2.FALLBACK_CHAT_TEMPLATE),
 }
+
+# config.json "model_type" / "architectures" values -> our arch name.
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3",
+                "gemma3_text": "gemma3", "gpt2": "gpt2"}
+_HF_CLASSES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
+               "GPT2LMHeadModel": "gpt2"}
 
 
 def get_arch(name: str) -> Arch:
@@ -35,3 +66,53 @@ def get_arch(name: str) -> Arch:
 
 def build_model(config: ModelConfig) -> nn.Module:
     return get_arch(config.arch).module(config)
+
+
+def detect_arch(hf: dict) -> str:
+    """Our arch name for a HF ``config.json``, from ``model_type`` then ``architectures``."""
+    model_type = hf.get("model_type")
+    if model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
+    for cls in hf.get("architectures") or ():
+        if cls in _HF_CLASSES:
+            return _HF_CLASSES[cls]
+    raise ValueError(
+        f"unsupported architecture (model_type {model_type!r}, architectures {hf.get('architectures')}); "
+        f"supported: {', '.join(sorted(ARCHS))} (pass -a/--arch to choose one)"
+    )
+
+
+def config_from_hf(arch: str, hf: dict, dtype: str = "float32") -> ModelConfig:
+    """The arch's config mapper, with the checks every family shares."""
+    config = get_arch(arch).config_from_hf(hf, dtype=dtype)
+    if config.hidden_activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{arch}: unsupported activation {config.hidden_activation!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
+        )
+    return config.replace(arch=arch)
+
+
+def params_from_hf(config: ModelConfig, named: Iterable[tuple[str, Any]]) -> dict:
+    """The module's parameter tree from HF-named tensors (a tied head's copy is dropped)."""
+    to_ours = get_arch(config.arch).hf_tensor
+
+    def converted():
+        for name, value in named:
+            mapped = to_ours(name, value)
+            if mapped is None or (config.tie_word_embeddings and mapped[0] == "lm_head.weight"):
+                continue
+            yield mapped
+
+    return nest(converted())
+
+
+def check_params(config: ModelConfig, params: dict) -> None:
+    """Trace the model once (shapes only, no compile) so a missing or misshapen tensor
+    fails at load time with its name, not at the first request."""
+    model = build_model(config)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+
+    def run(p, t):
+        return model.apply({"params": p}, t, t, init_cache(config, 1, 1))
+
+    jax.eval_shape(run, params, tokens)

@@ -1,0 +1,219 @@
+"""Gemma 3 text (``Gemma3ForCausalLM``, and the text tower of ``Gemma3ForConditionalGeneration``).
+
+Differences from llama that matter for parity with HF transformers:
+- layers alternate sliding-window and global attention (``config.layer_types``),
+  and each kind has its own RoPE base (``rope_local_theta`` unscaled for sliding,
+  ``rope_theta`` with optional linear scaling for global);
+- q and k are RMS-normalized per head (QK-norm) before RoPE;
+- every RMSNorm scales by ``1 + weight``; besides the input and final norms
+  there are post-attention, pre-feedforward and post-feedforward norms;
+- the embedding is multiplied by ``sqrt(hidden)`` cast to the model dtype first
+  (in bfloat16 that rounds, e.g. sqrt(640) -> 25.25; HF does the same);
+- the softmax scale is ``query_pre_attn_scalar ** -0.5``; an optional tanh softcap
+  on the final logits (HF ignores ``attn_logit_softcapping`` for Gemma 3, so do we);
+  GeGLU MLP (gelu tanh).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mrs.models.config import FULL, SLIDING, ModelConfig
+from mrs.models.layers import (
+    ACTIVATIONS,
+    Embedding,
+    KVCache,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attend,
+    layer_window,
+    rope_inv_freq,
+    select_logits,
+    update_cache,
+)
+
+Array = jax.Array
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, cache: tuple[Array, Array], kv_len: int | None):
+        c = self.config
+        batch, steps, _ = x.shape
+        q = Linear(c.attention_bias, name="q_proj")(x).reshape(batch, steps, c.num_heads, c.head_dim)
+        k = Linear(c.attention_bias, name="k_proj")(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
+        v = Linear(c.attention_bias, name="v_proj")(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
+        q = RMSNorm(c.norm_eps, unit_offset=True, name="q_norm")(q)
+        k = RMSNorm(c.norm_eps, unit_offset=True, name="k_norm")(k)
+        sliding = c.layer_type(self.layer) == SLIDING
+        if sliding:
+            inv_freq = rope_inv_freq(c, c.rope_local_theta or c.rope_theta, scaled=False)
+        else:
+            inv_freq = rope_inv_freq(c, c.rope_theta, scaled=True)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k_cache, v_cache = update_cache(cache[0], k, positions), update_cache(cache[1], v, positions)
+        scalar = c.query_pre_attn_scalar or c.head_dim
+        out = attend(
+            q, k_cache, v_cache, positions,
+            scale=scalar**-0.5, window=layer_window(c, self.layer),
+            softcap=c.attn_logit_softcapping, kv_len=kv_len,
+        )
+        return Linear(c.attention_bias, name="o_proj")(out), (k_cache, v_cache)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        act = ACTIVATIONS[self.config.hidden_activation]
+        gate = act(Linear(name="gate_proj")(x))
+        return Linear(name="down_proj")(gate * Linear(name="up_proj")(x))
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, cache: tuple[Array, Array], kv_len: int | None):
+        c = self.config
+
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm(c.norm_eps, unit_offset=True, name=name)
+
+        h, cache = Attention(c, self.layer, name="self_attn")(norm("input_layernorm")(x), positions, cache, kv_len)
+        x = x + norm("post_attention_layernorm")(h)
+        h = MLP(c, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        x = x + norm("post_feedforward_layernorm")(h)
+        return x, cache
+
+
+class Gemma3Model(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array, cache: KVCache, kv_len: int | None):
+        c = self.config
+        embed = Embedding(c.jnp_dtype, name="embed_tokens")
+        # HF casts the scale to the weight dtype before multiplying; do the same.
+        x = embed(tokens) * jnp.asarray(math.sqrt(c.hidden_size), c.jnp_dtype)
+        new_cache = []
+        for i in range(c.num_layers):
+            x, layer_cache = DecoderLayer(c, i, name=f"layers_{i}")(x, positions, cache[i], kv_len)
+            new_cache.append(layer_cache)
+        return RMSNorm(c.norm_eps, unit_offset=True, name="norm")(x), embed, tuple(new_cache)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Same call contract as ``mrs.models.llama.LlamaForCausalLM``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array,
+        cache: KVCache,
+        logits_at: Array | None = None,
+        kv_len: int | None = None,
+    ):
+        c = self.config
+        hidden, embed, cache = Gemma3Model(c, name="model")(tokens, positions, cache, kv_len)
+        hidden = select_logits(hidden, logits_at)
+        logits = embed.attend(hidden) if c.tie_word_embeddings else Linear(name="lm_head")(hidden)
+        logits = logits.astype(jnp.float32)
+        if c.final_logit_softcapping is not None:
+            cap = c.final_logit_softcapping
+            logits = jnp.tanh(logits / cap) * cap
+        return logits, cache
+
+
+# Tensor-name prefixes of the multimodal checkpoint's text tower, mapped to ours.
+HF_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+               ("language_model.lm_head.", "lm_head."))
+# Multimodal-only tensors that a text-only model skips.
+SKIPPED_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def hf_name(name: str) -> str | None:
+    """Our name for a HF tensor name, or None for tensors the text model does not use."""
+    if name.startswith(SKIPPED_PREFIXES):
+        return None
+    for old, new in HF_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _rope_for(hf: dict, layer_type: str) -> dict:
+    """The RoPE parameters of one layer type, from the v5 or the legacy config layout."""
+    params = hf.get("rope_parameters") or {}
+    if layer_type in params:
+        return dict(params[layer_type] or {})
+    if layer_type == SLIDING:
+        return {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+    scaling = dict(hf.get("rope_scaling") or {})
+    scaling.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    return scaling
+
+
+def _layer_types(hf: dict, layers: int) -> tuple[str, ...]:
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    pattern = hf.get("sliding_window_pattern", 6)
+    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(layers))
+
+
+def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from a ``gemma3_text`` config.json, or the text part of a ``gemma3`` one."""
+    tied = hf.get("tie_word_embeddings", True)
+    if hf.get("model_type") == "gemma3":  # multimodal: tying is decided at the top level
+        hf = hf.get("text_config") or {}
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("gemma3: use_bidirectional_attention (embedding models) is not supported")
+    layers = hf.get("num_hidden_layers", 26)
+    heads = hf.get("num_attention_heads", 8)
+    local, full = _rope_for(hf, SLIDING), _rope_for(hf, FULL)
+    linear_factor = None
+    for kind, rope in ((SLIDING, local), (FULL, full)):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "linear" and kind == FULL:
+            linear_factor = float(rope["factor"])
+        elif rope_type != "default":
+            raise ValueError(f"gemma3: unsupported rope_type {rope_type!r} on {kind} layers")
+    return ModelConfig(
+        arch="gemma3",
+        vocab_size=hf.get("vocab_size", 262_208),
+        hidden_size=hf.get("hidden_size", 2304),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads", 4),
+        head_dim=hf.get("head_dim", 256),
+        intermediate_size=hf.get("intermediate_size", 9216),
+        max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(full.get("rope_theta", 1_000_000.0)),
+        rope_linear_factor=linear_factor,
+        rope_local_theta=float(local.get("rope_theta", 10_000.0)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        sliding_window=hf.get("sliding_window", 4096),
+        layer_types=_layer_types(hf, layers),
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+        final_logit_softcapping=hf.get("final_logit_softcapping"),
+        # HF's Gemma 3 accepts attn_logit_softcapping but never applies it (real
+        # checkpoints set null); ignoring it too keeps parity with the reference.
+        attn_logit_softcapping=None,
+        hidden_activation=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+        tie_word_embeddings=bool(tied),
+        dtype=dtype,
+    )
