@@ -1,0 +1,134 @@
+"""In-situ quantization (ISQ): quantize a loaded float model's linear weights at load time.
+
+Accepts mistral.rs's names. Each name maps to one of our storages (see
+``mrs.quant.qarray``); where names share a representation we say so here:
+
+==========  ===============================================================  ==============
+name        what mrs does                                                    bits / weight
+==========  ===============================================================  ==============
+Q4_0        ggml Q4_0: 4-bit symmetric, blocks of 32, float16 scale          4.5
+Q4_1        ggml Q4_1: 4-bit with min, blocks of 32, float16 scale + min     5
+Q4K, "4"    **same as Q4_1** (no super-block 6-bit scales: our matmul reads  5
+            one scale per 32 anyway)
+Q5_0        ggml Q5_0 values (5-bit symmetric), one byte per value           8.5
+Q5_1        ggml Q5_1 values (5-bit with min), one byte per value            9
+Q5K         **same as Q5_1**                                                 9
+Q8_0, "8"   ggml Q8_0: int8, blocks of 32, float16 scale                     8.5
+Q6K, Q8K    **same as Q8_0**: a 6- or 8-bit value takes a byte in our        8.5
+            storage either way, so they get Q8_0's (finer) precision
+==========  ===============================================================  ==============
+
+The 5-bit formats keep their ggml numerics but not ggml's memory saving (a value is
+a byte here, so dequantization is a single pass); prefer Q4_* or Q8_0.
+
+Quantization itself is gguf-py's reference quantizer (bit-exact with llama.cpp's
+``quantize`` for these formats), repacked by ``mrs.quant.ggml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import jax
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from mrs.errors import ConfigError
+from mrs.quant.ggml import repack
+from mrs.quant.gguf import to_device
+from mrs.quant.qarray import QArray
+
+SCHEMES: dict[str, T] = {
+    "Q4_0": T.Q4_0,
+    "Q4_1": T.Q4_1,
+    "Q5_0": T.Q5_0,
+    "Q5_1": T.Q5_1,
+    "Q8_0": T.Q8_0,
+    "Q4K": T.Q4_1,
+    "Q5K": T.Q5_1,
+    "Q6K": T.Q8_0,
+    "Q8K": T.Q8_0,
+    "4": T.Q4_1,
+    "8": T.Q8_0,
+}
+
+# Modules whose 2-D "weight" is a table or the LM head, left in the model dtype by default.
+EMBEDDING_MODULES = ("embed_tokens", "wte", "lm_head")
+POSITION_TABLES = ("wpe",)  # never quantized: tiny, and read by absolute position
+
+
+def resolve_scheme(name: str) -> T:
+    """The ggml type an ISQ name quantizes to, or a ConfigError listing the valid names."""
+    key = str(name).strip()
+    if key.upper() in SCHEMES:
+        key = key.upper()
+    if key not in SCHEMES:
+        raise ConfigError(
+            f"unknown in_situ_quant {name!r}; valid: {', '.join(SCHEMES)}", param="in_situ_quant"
+        )
+    return SCHEMES[key]
+
+
+def quantize_array(w: Any, scheme: str | T, *, fmt: str | None = None) -> QArray:
+    """A float ``[..., in]`` array (or a QArray, re-quantized) as a device QArray."""
+    ggml_type = scheme if isinstance(scheme, T) else resolve_scheme(scheme)
+    if isinstance(w, QArray):
+        w = w.dequantize()
+    values = np.asarray(w, dtype=np.float32)
+    packed = repack(gguf.quants.quantize(values, ggml_type), ggml_type, values.shape)
+    if fmt is not None:
+        packed = QArray(packed.data, packed.scale, packed.min, **{**packed.meta(), "fmt": fmt})
+    return to_device(packed, _device_of(w))
+
+
+def _device_of(w: Any) -> Any:
+    devices = getattr(w, "devices", None)
+    if devices is None:
+        return None
+    found = devices()
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def is_linear_weight(path: tuple[str, ...], value: Any, *, embeddings: bool) -> bool:
+    """Whether the leaf at ``path`` (names from the root) is a linear layer's ``[out, in]`` weight."""
+    if path[-1] != "weight" or len(getattr(value, "shape", ())) != 2 or len(path) < 2:
+        return False
+    module = path[-2]
+    if module in POSITION_TABLES:
+        return False
+    return embeddings or module not in EMBEDDING_MODULES
+
+
+def quantize_params(params: dict, scheme: str, *, embeddings: bool = False) -> dict:
+    """The params tree with every linear weight (attention, MLP) quantized to ``scheme``.
+
+    Embeddings, norms and the LM head keep the model dtype (as mistral.rs does)
+    unless ``embeddings=True``. The tree alone says which leaves are linear
+    weights (2-D ``weight`` leaves outside the tables), for every family. A weight whose input dim is not a multiple of the
+    block size (32) stays in float.
+    """
+    ggml_type = resolve_scheme(scheme)
+    block = gguf.GGML_QUANT_SIZES[ggml_type][0]
+    label = str(scheme).strip().upper()
+
+    def convert(path: tuple[str, ...], value: Any) -> Any:
+        if not is_linear_weight(path, value, embeddings=embeddings) or value.shape[-1] % block:
+            return value
+        return quantize_array(value, ggml_type, fmt=label)
+
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, path + (k,)) for k, v in node.items()}
+        return convert(path, node)
+
+    return walk(params, ())
+
+
+def tree_quant_summary(params: dict) -> dict[str, int]:
+    """How many leaves of each storage format (``float32``, ``Q8_0``, ...) a tree holds."""
+    counts: dict[str, int] = {}
+    for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QArray)):
+        key = leaf.fmt if isinstance(leaf, QArray) else str(leaf.dtype)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
