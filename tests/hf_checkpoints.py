@@ -1,0 +1,168 @@
+"""Tiny random-weight Hugging Face checkpoints for tests, and greedy decoders on both sides.
+
+No hub here, so checkpoints come from transformers configs with random weights and a
+byte-level BPE tokenizer trained on a few sentences (padded with unused entries to the
+model's vocabulary size, EOS last, as GPT-2 lays it out).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from mrs.models.config import ModelConfig
+from mrs.models.layers import PAD_POSITION, init_cache
+from mrs.models.registry import build_model
+
+# Tiny models on a shared 2-core box: torch's thread pool only adds contention.
+torch.set_num_threads(1)
+
+EOS = "<|endoftext|>"
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "def greet(name):\n    return f'Hello, {name}!'\n",
+    "Once upon a time there was a small model that answered questions.",
+    "Numbers: 1 2 3 10 100 3.14; symbols (a+b)*c = d.",
+]
+PROMPTS = ["The capital of France is", "def greet(name):", "Once upon a time"]
+
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def byte_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer with exactly ``vocab_size`` ids, EOS last."""
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size - 1, 400), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    trained.train_from_iterator(CORPUS * 4, trainer)
+    vocab = trained.get_vocab()
+    merges = [tuple(m) for m in json.loads(trained.to_str())["model"]["merges"]]
+    # Unused fillers make every model id decodable; no merge produces them.
+    for i in range(len(vocab), vocab_size - 1):
+        vocab[f"<unused_{i}>"] = i
+    vocab[EOS] = vocab_size - 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
+
+
+def hf_model(kind: str, **overrides) -> torch.nn.Module:
+    """A random-weight HF model of one family; norms are perturbed so they matter."""
+    eos = dict(eos_token_id=SMALL["vocab_size"] - 1, bos_token_id=SMALL["vocab_size"] - 1)
+    if kind == "llama":
+        config = LlamaConfig(**SMALL, **eos, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0})
+        cls = LlamaForCausalLM
+    elif kind == "mistral":
+        config = MistralConfig(**SMALL, **eos, sliding_window=8, tie_word_embeddings=False)
+        cls = MistralForCausalLM
+    elif kind == "qwen2":
+        config = Qwen2Config(**SMALL, **eos, tie_word_embeddings=True)
+        cls = Qwen2ForCausalLM
+    elif kind == "gemma3":
+        config = Gemma3TextConfig(
+            **{**SMALL, "num_hidden_layers": 4}, **eos, head_dim=16, sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+        cls = Gemma3ForCausalLM
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                            bos_token_id=511, eos_token_id=511)
+        cls = GPT2LMHeadModel
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config._attn_implementation = "eager"  # the plain reference (softcaps need it anyway)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms and biases: away from their 0/1 init
+                p.add_(torch.randn_like(p) * 0.1)
+            elif any(table in name for table in ("embed_tokens", "wte", "wpe", "lm_head")):
+                # gemma3 multiplies embeddings by sqrt(hidden): keep the product comparable
+                p.normal_(0.0, 0.02 if kind == "gemma3" else 0.08)
+            else:  # strong layers: with weak ones a tied head just repeats the last token
+                p.normal_(0.0, 0.15)
+    return model
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, *, dtype: torch.dtype | None = None,
+                    max_shard_size: str | None = None) -> Path:
+    """``save_pretrained`` (safetensors) plus a matching tokenizer."""
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    byte_level_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(config: ModelConfig):
+    """One jitted apply per config, so checkpoints of the same shape share compiles."""
+    return jax.jit(build_model(config).apply)
+
+
+def mrs_generate(config: ModelConfig, params: dict, prompt: list[int], steps: int,
+                 bucket: int = 16, cache_len: int = 64) -> tuple[np.ndarray, list[int]]:
+    """Prompt logits ``[T, V]`` and greedy tokens through the model contract: a padded
+    prefill (padding at PAD_POSITION), then one-token decode steps on the cache."""
+    apply = _jitted_apply(config)
+    length = len(prompt)
+    assert length + steps <= cache_len, "raise cache_len"
+    padded = -(-length // bucket) * bucket
+    tokens = np.zeros((1, padded), np.int32)
+    tokens[0, :length] = prompt
+    positions = np.full((1, padded), PAD_POSITION, np.int32)
+    positions[0, :length] = np.arange(length)
+    cache = init_cache(config, 1, cache_len)
+    logits, cache = apply({"params": params}, tokens, positions, cache)
+    prompt_logits = np.asarray(logits[0, :length])
+    out = [int(np.argmax(prompt_logits[-1]))]
+    for i in range(steps - 1):
+        logits, cache = apply({"params": params}, jnp.asarray([[out[-1]]], jnp.int32),
+                              jnp.asarray([[length + i]], jnp.int32), cache)
+        out.append(int(jnp.argmax(logits[0, -1])))
+    return prompt_logits, out
+
+
+def hf_generate(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """Prompt logits and greedy tokens, recomputing the whole sequence each step
+    (no cache, so it also checks our incremental decode)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        prompt_logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        ids.append(int(np.argmax(prompt_logits[-1])))
+        for _ in range(steps - 1):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+    return prompt_logits, ids[len(prompt):]
