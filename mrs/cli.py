@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,10 +44,13 @@ def _generate(overrides: list[str], chat: bool) -> int:
     entry = to_model_entry(cfg.model, "model")
     if cfg.get("quant") is not None:
         entry.in_situ_quant = str(cfg.quant.in_situ_quant)
-    import mrs
+    from mrs.pipeline import load
 
+    # The serving engine preset is sized for many clients; one prompt only needs the
+    # Python API's small engine unless engine=/engine.* was given.
+    engine = OmegaConf.to_object(cfg.engine) if any(o.startswith("engine") for o in overrides) else None
     begin = time.perf_counter()
-    pipeline = mrs.load(entry)
+    pipeline = load(entry, engine)
     print(f"[loaded {entry.model_id} in {time.perf_counter() - begin:.1f}s]", file=sys.stderr, flush=True)
     options = dict(max_tokens=int(cfg.max_tokens), temperature=float(cfg.temperature),
                    top_k=int(cfg.top_k), top_p=float(cfg.top_p), seed=cfg.seed)
@@ -56,17 +60,16 @@ def _generate(overrides: list[str], chat: bool) -> int:
         result = pipeline.chat(messages, **options)
     else:
         result = pipeline.generate(str(cfg.prompt), **options)
+    pipeline.close()
     print(result.text)
     print(_speed_line(result), file=sys.stderr)
     return 0
 
 
-def _speed_line(result: object) -> str:
-    timing = getattr(result, "timing", result)
-    prompt_tps = getattr(timing, "prompt_tok_per_s", None)
-    decode_tps = getattr(timing, "decode_tok_per_s", None)
-    return (f"[prompt: {getattr(timing, 'prompt_tokens', '?')} tokens, {prompt_tps:.1f} tok/s; "
-            f"decode: {getattr(timing, 'completion_tokens', '?')} tokens, {decode_tps:.1f} tok/s]")
+def _speed_line(result: Any) -> str:
+    t = result.timing
+    return (f"[prompt: {t.prompt_tokens} tokens, {t.prompt_tok_per_s:.1f} tok/s; "
+            f"decode: {t.completion_tokens} tokens, {t.decode_tok_per_s:.1f} tok/s]")
 
 
 def _fetch(overrides: list[str]) -> int:

@@ -56,8 +56,8 @@ def create_app(table: ModelTable) -> Quart:
 
     @app.errorhandler(HTTPException)
     async def _http(error: HTTPException) -> Response:
-        if error.code == 400:  # quart's own: malformed JSON
-            return json_reply(envelope(f"malformed JSON body: {error.description}", "invalid_request_error"), 400)
+        if error.code == 400:  # raised by quart's JSON parsing
+            return json_reply(envelope("the request body is not valid JSON", "invalid_request_error"), 400)
         kind = "invalid_request_error" if (error.code or 500) < 500 else "server_error"
         return json_reply(envelope(f"{error.name}: {error.description}", kind), error.code or 500)
 
@@ -99,11 +99,11 @@ def create_app(table: ModelTable) -> Quart:
         served = table.get(model_id)
         prompt = data.single_prompt()
         if isinstance(prompt, str):
-            ids = await asyncio.to_thread(served.encode_prompt, prompt)
+            ids = await asyncio.to_thread(served.encode, prompt)
             text = prompt
         else:
             ids = list(prompt)
-            text = await asyncio.to_thread(served.decode, ids) if data.echo else ""
+            text = await asyncio.to_thread(served.tokenizer.decode, ids) if data.echo else ""
         job = completions.Job(served, model_id, GenerationRequest(ids, data.to_sampling(), protocol.new_id("cmpl")),
                               chat=False, include_usage=data.include_usage, echo=text if data.echo else "")
         return await run_job(job, data.stream, "completions")
@@ -158,24 +158,24 @@ def create_app(table: ModelTable) -> Quart:
         served = table.get(model_id)
         if data.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in data.messages]
-            ids = await asyncio.to_thread(served.encode_chat, messages, data.add_generation_prompt)
+            ids = await asyncio.to_thread(served.encode_chat, messages)
         elif data.add_special_tokens:
-            ids = await asyncio.to_thread(served.encode_prompt, data.prompt)
+            ids = await asyncio.to_thread(served.encode, data.prompt)
         else:
             ids = await asyncio.to_thread(served.tokenizer.encode, data.prompt, add_special_tokens=False)
         return json_reply({"model": model_id, "tokens": ids, "count": len(ids),
-                           "max_model_len": served.context_limit})
+                           "max_model_len": served.engine.context_limit})
 
     @app.post("/detokenize")
     @validate_request(protocol.DetokenizeRequest)
     async def detokenize(data: protocol.DetokenizeRequest) -> Response:
         model_id = table.resolve(data.model)
         served = table.get(model_id)
-        vocab = served.checkpoint.config.vocab_size
+        vocab = served.config.vocab_size
         bad = [t for t in data.tokens if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"tokens: ids must be in [0, {vocab}); got {bad[0]}", param="tokens")
-        return json_reply({"model": model_id, "prompt": await asyncio.to_thread(served.decode, data.tokens)})
+        return json_reply({"model": model_id, "prompt": await asyncio.to_thread(served.tokenizer.decode, data.tokens)})
 
     # ---- operations ----
 

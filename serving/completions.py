@@ -15,10 +15,10 @@ from typing import Any
 
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.errors import ModelUnavailable, MrsError
+from mrs.pipeline import Pipeline
 from serving import protocol, sse
 from serving.errors import to_reply
 from serving.metrics import Metrics
-from serving.served import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Job:
     """One accepted request: what to run and how to shape its answer."""
 
-    served: ServedModel
+    served: Pipeline
     model_id: str
     request: GenerationRequest
     chat: bool

@@ -13,7 +13,7 @@ from typing import TextIO
 from mrs.config.schema import ServeConfig
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta
 from mrs.errors import MrsError
-from serving.served import ServedModel, load_served
+from mrs.pipeline import Pipeline, load
 
 _MAX_REPLY_TOKENS = 512
 HELP = r"""Commands:
@@ -36,8 +36,8 @@ class _Session:
 def chat_loop(config: ServeConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     entry = next((e for e in config.models if e.model_id == config.default_model_id), config.models[0])
     print(f"loading {entry.model_id!r} ...", file=out, flush=True)
-    served = load_served(entry, config.engine)
-    chat = served.chat_template.template is not None
+    served = load(entry, config.engine)
+    chat = served.checkpoint.chat_template is not None
     mode = "chat" if chat else "text continuation (the model has no chat template)"
     print(f"model {entry.model_id!r} ready, {mode}. Type \\help for commands.", file=out, flush=True)
     session = _Session()
@@ -58,7 +58,7 @@ def chat_loop(config: ServeConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.
     except KeyboardInterrupt:
         pass
     finally:
-        served.shutdown()
+        served.close()
     print("bye", file=out, flush=True)
     return 0
 
@@ -107,15 +107,15 @@ def _number(text: str, kind: type, low: float, high: float) -> float:
     return value
 
 
-def _reply(served: ServedModel, session: _Session, line: str, chat: bool, out: TextIO) -> None:
+def _reply(served: Pipeline, session: _Session, line: str, chat: bool, out: TextIO) -> None:
     if chat:
         messages = ([{"role": "system", "content": session.system}] if session.system else [])
         messages += [*session.history, {"role": "user", "content": line}]
         ids = served.encode_chat(messages)
     else:
-        ids = served.encode_prompt(line)
+        ids = served.encode(line)
     sp = session.sampling
-    room = served.context_limit - len(ids)  # none left: the engine raises ContextLengthExceeded
+    room = served.engine.context_limit - len(ids)  # none left: the engine raises ContextLengthExceeded
     sampling = SamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
                               max_tokens=min(_MAX_REPLY_TOKENS, room) if room > 0 else None)
     request = GenerationRequest(ids, sampling)

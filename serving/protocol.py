@@ -147,8 +147,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # prompt only: BOS where the model's raw prompts take one
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -22,7 +24,6 @@ from mrs.config.validate import check_serve_config
 from mrs.errors import ConfigError, MrsError
 from mrs.models.registry import ARCHS
 from serving.app import create_app
-from serving.served import load_served
 from serving.table import ModelTable
 
 log = logging.getLogger("mrs.server")
@@ -72,7 +73,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 async def _serve(config: ServeConfig) -> int:
-    table = ModelTable(config, load_served)
+    table = ModelTable(config)
     app = create_app(table)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,10 +81,11 @@ async def _serve(config: ServeConfig) -> int:
         loop.add_signal_handler(sig, _on_signal(stop, sig))
     exit_code = 0
 
-    async def load_models() -> None:
+    def load_models() -> None:
+        """Startup loading, on a daemon thread so a signal during warm-up need not wait for it."""
         nonlocal exit_code
         try:
-            await asyncio.to_thread(table.load_all)
+            table.load_all()
         except MrsError as e:
             log.error("startup failed: %s", e.message)
         except Exception:
@@ -93,22 +95,27 @@ async def _serve(config: ServeConfig) -> int:
             log.info("serving on http://%s:%d (OpenAI API under /v1)", config.server.host, config.server.port)
             return
         exit_code = 1
-        stop.set()
+        loop.call_soon_threadsafe(stop.set)
 
     hyper = HypercornConfig()
     hyper.bind = [f"{config.server.host}:{config.server.port}"]
     hyper.graceful_timeout = config.server.shutdown_timeout_s
     hyper.accesslog = logging.getLogger("hypercorn.access") if config.server.log_level == "debug" else None
     hyper.errorlog = logging.getLogger("hypercorn.error")
-    loader = asyncio.create_task(load_models())
+    loader = threading.Thread(target=load_models, name="mrs-loader", daemon=True)
+    loader.start()
     try:
         await hypercorn_serve(app, hyper, shutdown_trigger=stop.wait)
     finally:
         log.info("stopping engines")
-        if not loader.done():
-            table.abort_loading()
-            await loader  # a load in progress finishes before its engine can be stopped
+        table.abort_loading()
         await asyncio.to_thread(table.shutdown)
+    if loader.is_alive():
+        # A model is mid warm-up and XLA cannot be interrupted: leave without waiting
+        # (and without interpreter teardown racing the compiling thread).
+        log.info("server stopped while a model was still loading")
+        logging.shutdown()
+        os._exit(exit_code)
     log.info("server stopped")
     return exit_code
 

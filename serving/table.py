@@ -17,28 +17,28 @@ from typing import Any
 
 from mrs.config.schema import EngineConfig, ModelEntry, ServeConfig
 from mrs.errors import ModelNotFound, ModelUnavailable
-from serving.served import ServedModel
+from mrs.pipeline import Pipeline, load
 
 log = logging.getLogger(__name__)
 
 LOADING, LOADED, UNLOADED, RELOADING, FAILED = "loading", "loaded", "unloaded", "reloading", "failed"
 DEFAULT_ALIAS = "default"
 
-Loader = Callable[[ModelEntry, EngineConfig], ServedModel]
+Loader = Callable[[ModelEntry, EngineConfig], Pipeline]
 
 
 @dataclass(eq=False)
 class _Row:
     entry: ModelEntry
     status: str = LOADING
-    served: ServedModel | None = None
+    served: Pipeline | None = None
     error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)  # one load/unload at a time
 
 
 class ModelTable:
-    def __init__(self, config: ServeConfig, loader: Loader) -> None:
+    def __init__(self, config: ServeConfig, loader: Loader = load) -> None:
         self._engine_config = config.engine
         self._loader = loader
         self._rows = {entry.model_id: _Row(entry) for entry in config.models}
@@ -62,7 +62,7 @@ class ModelTable:
             )
         return model
 
-    def get(self, model: str | None) -> ServedModel:
+    def get(self, model: str | None) -> Pipeline:
         """The served model for a request, or ModelNotFound (404) / ModelUnavailable (503)."""
         model_id = self.resolve(model)
         row = self._rows[model_id]
@@ -101,7 +101,7 @@ class ModelTable:
                 raise ModelUnavailable("startup loading stopped: the server is shutting down")
             log.info("[%d/%d] loading model %r from %s", i, total, model_id, _describe(row.entry))
             self._load(row, LOADING)
-            log.info("[%d/%d] model %r ready (%s)", i, total, model_id, row.served.summary())
+            log.info("[%d/%d] model %r ready (%s)", i, total, model_id, _summary(row.served))
         log.info("all %d models loaded; default model: %r", total, self.default_id)
 
     def abort_loading(self) -> None:
@@ -115,7 +115,7 @@ class ModelTable:
                 return LOADED
             log.info("reloading model %r", model_id)
             self._load(row, RELOADING, locked=True)
-            log.info("model %r reloaded (%s)", model_id, row.served.summary())
+            log.info("model %r reloaded (%s)", model_id, _summary(row.served))
         return LOADED
 
     def unload(self, model_id: str) -> str:
@@ -125,13 +125,16 @@ class ModelTable:
             if row.status in (LOADED, FAILED):
                 row.status = UNLOADED
             if served is not None:
-                served.shutdown()
+                served.close()
                 log.info("model %r unloaded", model_id)
         return row.status
 
     def shutdown(self) -> None:
-        for model_id in self._rows:
-            self.unload(model_id)
+        """Stop every engine; a model still loading (its lock held) is left to the loader."""
+        for model_id, row in self._rows.items():
+            if row.lock.acquire(blocking=False):
+                row.lock.release()
+                self.unload(model_id)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -178,3 +181,11 @@ def _describe(entry: ModelEntry) -> str:
         where = f"{source.kind} {source.model_id}" + (f" (arch {source.arch})" if source.arch else "")
     extras = [f"dtype {entry.dtype}"] + ([f"isq {entry.in_situ_quant}"] if entry.in_situ_quant else [])
     return f"{where}, {', '.join(extras)}"
+
+
+def _summary(pipeline: Pipeline) -> str:
+    stats = pipeline.engine.stats()
+    template = "chat template" if pipeline.checkpoint.chat_template else "no chat template"
+    notes = "".join(f"; {note}" for note in pipeline.checkpoint.notes)
+    return (f"arch {pipeline.config.arch}, context {pipeline.engine.context_limit}, {stats['slots_total']} slots, "
+            f"warm-up {stats['warmup_s']:.1f}s, {template}{notes}")

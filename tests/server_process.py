@@ -1,0 +1,90 @@
+"""Start a real ``mrs-server`` / ``mrs serve`` process on a free port and wait until it serves.
+
+Every server the tests start shares one small engine shape (``SMALL_ENGINE``) and a
+persistent JAX compilation cache, so only the first start of a model compiles.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from mrs.fetch import models_dir
+
+BIN = Path(sys.executable).parent
+# The same shape everywhere: a second server with it hits the compilation cache.
+SMALL_ENGINE = ["--max-seqs", "4", "--max-seq-len", "512", "--prefill-buckets", "64,256"]
+SMALL_ENGINE_HYDRA = ["engine=small"]  # conf/engine/small.yaml: the same numbers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def jax_cache_env() -> dict[str, str]:
+    """The environment for server processes: a persistent JAX compilation cache next to the
+    demo models, so repeated starts (in one run and across runs) skip XLA compiles."""
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(models_dir().parent / "jax-test-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 900.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()[-4000:]}")
+
+    def stop(self, timeout: float = 120.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start(argv: list[str], log: Path, env: dict[str, str], port: int | None = None) -> Server:
+    """``argv`` is the command without the port: ``[mrs-server, ...]`` or ``[mrs, serve, ...]``."""
+    port = port or free_port()
+    argv = [*argv, f"server.port={port}"] if argv[1:2] == ["serve"] else [argv[0], "--port", str(port), *argv[1:]]
+    out = open(log, "w")
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    out.close()  # the child holds its own descriptor
+    return Server(proc, port, log)

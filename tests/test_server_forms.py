@@ -1,0 +1,104 @@
+"""The other ways to start a server: the seed's single-model ``plain`` form, the Hydra
+front door (``mrs serve``), and the interactive terminal chat (``-i``, single-model
+``gguf`` form) driven through a pseudo-terminal.
+
+Plain and Hydra use a tiny random-weight Llama checkpoint (fast to compile); the
+interactive chat uses the real SmolLM2 GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pexpect
+import pytest
+from hf_checkpoints import hf_model, save_checkpoint
+from server_process import BIN, SMALL_ENGINE, SMALL_ENGINE_HYDRA, jax_cache_env, start
+
+import mrs
+
+PROMPT_IDS = [5, 17, 42, 99, 7, 3]
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(hf_model("llama"), tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama: Path) -> dict:
+    """The pipeline's greedy completion of PROMPT_IDS (ignoring EOS, so always STEPS tokens)."""
+    entry = {"model_id": "tiny", "model": {"kind": "plain", "model_id": str(tiny_llama), "arch": "llama"}}
+    with mrs.load(entry) as pipe:
+        result = pipe.generate(PROMPT_IDS, max_tokens=STEPS, ignore_eos=True)
+    return {"text": result.text, "ids": result.token_ids}
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", _strict_response_validation=True,
+                         max_retries=0, timeout=300)
+
+
+def _complete(client: openai.OpenAI, model: str) -> openai.types.Completion:
+    return client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=STEPS, temperature=0,
+                                     extra_body={"ignore_eos": True})
+
+
+def test_seed_single_model_plain_form(tiny_llama: Path, reference: dict, tmp_path: Path) -> None:
+    server = start([str(BIN / "mrs-server"), *SMALL_ENGINE, "plain", "-m", str(tiny_llama), "-a", "llama"],
+                   tmp_path / "plain.log", jax_cache_env())
+    try:
+        server.wait_ready()
+        client = _client(server.url)
+        assert [m.id for m in client.models.list().data] == [str(tiny_llama)]  # the model id, as mistral.rs
+        result = _complete(client, "default")
+        assert result.choices[0].text == reference["text"]
+        assert result.usage.completion_tokens == STEPS and result.usage.prompt_tokens == len(PROMPT_IDS)
+        assert _complete(client, str(tiny_llama)).choices[0].text == reference["text"]
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+    assert "loading model" in server.output() and "ready" in server.output()  # visible progress
+
+
+def test_hydra_front_door(tiny_llama: Path, reference: dict, tmp_path: Path) -> None:
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"tiny-a": {"Plain": {"model_id": str(tiny_llama), "arch": "llama"}, "alias": "tiny"}}))
+    server = start([str(BIN / "mrs"), "serve", f"multi_model_config={config}", "default_model_id=tiny",
+                    *SMALL_ENGINE_HYDRA], tmp_path / "hydra.log", jax_cache_env())
+    try:
+        server.wait_ready()
+        client = _client(server.url)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert _complete(client, "tiny").choices[0].text == reference["text"]
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+
+
+def test_interactive_chat_through_a_pty(smollm2_gguf: Path) -> None:
+    argv = [*SMALL_ENGINE, "-i", "gguf", "-m", str(smollm2_gguf.parent), "-f", smollm2_gguf.name]
+    child = pexpect.spawn(str(BIN / "mrs-server"), argv, env=jax_cache_env(), encoding="utf-8", timeout=900)
+    try:
+        child.expect(r"ready, chat\. Type \\help")
+        child.expect_exact("> ")
+        child.sendline("\\help")
+        child.expect_exact("\\temperature <t>")
+        for command, echo in [("\\temperature 0", "temperature = 0.0"), ("\\topk 40", "top_k = 40"),
+                              ("\\topp 0.9", "top_p = 0.9"), ("\\topp 7", "must be in"),
+                              ("\\system You answer in one short sentence.", "system prompt set"),
+                              ("\\clear", "history cleared"), ("\\frob", "unknown command")]:
+            child.expect_exact("> ")
+            child.sendline(command)
+            child.expect_exact(echo)
+        child.expect_exact("> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")  # streamed greedy answer
+        child.expect_exact("> ")
+        child.sendline("\\exit")
+        child.expect_exact("bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
