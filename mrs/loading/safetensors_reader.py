@@ -24,6 +24,7 @@ from mrs.loading.plain_tokenizer import plain_tokenizer, read_json
 from mrs.loading.sources import resolve_model
 from mrs.models import registry
 from mrs.models.config import ModelConfig
+from mrs.quant import quantize_params, resolve_scheme
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -95,19 +96,13 @@ def load_params(config: ModelConfig, files: list[Path]) -> dict:
     return params
 
 
-def _in_situ_quantize(params: dict, scheme: str) -> dict:
-    try:
-        from mrs.quant import quantize_params
-    except ImportError:
-        raise LoadError(f"in_situ_quant {scheme!r}: in-situ quantization is not available") from None
-    return quantize_params(params, scheme)
-
-
 def load_plain(entry: ModelEntry) -> Checkpoint:
     """Load ``entry.model.model_id`` (a Plain checkpoint) with ``entry.dtype`` weights."""
     model_id = entry.model.model_id
     if not model_id:
         raise LoadError(f"model {entry.model_id!r}: a Plain model needs model.model_id")
+    if entry.in_situ_quant:
+        resolve_scheme(entry.in_situ_quant)  # a bad scheme name fails before any weight is read
     model_dir = resolve_dir(model_id)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -120,12 +115,11 @@ def load_plain(entry: ModelEntry) -> Checkpoint:
         raise LoadError(f"{config_path}: missing field {e}") from None
     except ValueError as e:
         raise LoadError(f"{config_path}: {e}") from None
+    tok_dir = resolve_dir(entry.model.tok_model_id) if entry.model.tok_model_id else model_dir
+    tok = plain_tokenizer(model_dir, tok_dir, hf)  # before the weights: the cheaper failure first
     params = load_params(config, safetensors_files(model_dir))
     if entry.in_situ_quant:
-        params = _in_situ_quantize(params, entry.in_situ_quant)
-
-    tok_dir = resolve_dir(entry.model.tok_model_id) if entry.model.tok_model_id else model_dir
-    tok = plain_tokenizer(model_dir, tok_dir, hf)
+        params = quantize_params(params, entry.in_situ_quant)
     notes: list[str] = []
     template = tok.chat_template
     fallback = registry.get_arch(arch).fallback_chat_template
