@@ -1,0 +1,197 @@
+"""The Python API: ``mrs.load(...)`` returns a Pipeline that generates through the Engine.
+
+    pipe = mrs.load("smollm2-135m")
+    pipe.generate("The capital of France is", max_tokens=16).text
+    pipe.chat([{"role": "user", "content": "Hi!"}]).text
+
+There is one code path: every call is a request to the model's engine (so a list of
+prompts is batched by continuous batching, like concurrent HTTP requests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from mrs.config.schema import EngineConfig, ModelEntry, entry_from_dict
+from mrs.engine.engine import Engine
+from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta, TokenLogprob
+from mrs.errors import ConfigError
+from mrs.loading.chat_template import render_chat
+from mrs.loading.checkpoint import Checkpoint
+from mrs.models.config import ModelConfig
+
+# The Python API's default engine: few slots and buckets, so loading compiles quickly.
+DEFAULT_ENGINE = EngineConfig(max_batch=4, max_seq_len=512, max_queue=64, prefill_buckets=[64, 256])
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_s: float  # submit to first token (prefill, queueing included)
+    decode_s: float  # first token to last
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else float("nan")
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        steps = self.completion_tokens - 1  # the first token comes from the prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length | cancelled | error
+    timing: Timing
+    logprobs: list[TokenLogprob] | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+class Pipeline:
+    """A loaded model with its running engine."""
+
+    def __init__(self, entry: ModelEntry, checkpoint: Checkpoint, engine: Engine) -> None:
+        self.entry = entry
+        self.checkpoint = checkpoint
+        self.engine = engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.checkpoint.tokenizer
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.checkpoint.config
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A raw prompt's ids (token ids pass through), with BOS where the checkpoint wants one."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        bos = self.checkpoint.bos_token_id
+        if self.checkpoint.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = render_chat(self.checkpoint.chat_template, messages, self.tokenizer, model_id=self.entry.model_id)
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+
+    def generate(self, prompt: Prompt | list[Prompt], *, max_tokens: int = 64, temperature: float = 0.0,
+                 **sampling: Any) -> GenerationResult | list[GenerationResult]:
+        """Complete a prompt (text or token ids); a list of text prompts runs as one batch.
+
+        ``sampling`` takes any ``SamplingParams`` field (top_k, top_p, min_p, seed, stop,
+        logprobs, ...). Greedy by default.
+        """
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return self._run_all([self.encode(p) for p in prompt], params)
+        return self._run_all([self.encode(prompt)], params)[0]
+
+    def chat(self, messages: list[dict[str, Any]], *, max_tokens: int = 64, temperature: float = 0.0,
+             **sampling: Any) -> GenerationResult:
+        """Answer a conversation through the model's chat template."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        return self._run_all([self.encode_chat(messages)], params)[0]
+
+    def stream(self, prompt: Prompt, *, max_tokens: int = 64, temperature: float = 0.0,
+               **sampling: Any) -> Iterator[str]:
+        """Yield the completion's text as it is generated."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        for event in self.engine.submit(GenerationRequest(self.encode(prompt), params)):
+            if isinstance(event, TokenDelta) and event.text:
+                yield event.text
+            elif isinstance(event, Finish) and event.reason == "error":
+                raise RuntimeError(f"generation failed: {event.error}") from event.error
+
+    def _run_all(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+        begin = time.perf_counter()
+        streams = [self.engine.submit(GenerationRequest(ids, params)) for ids in prompts]
+        return [self._collect(ids, stream, begin) for ids, stream in zip(prompts, streams)]
+
+    @staticmethod
+    def _collect(prompt_ids: list[int], stream: Any, begin: float) -> GenerationResult:
+        text, ids, logprobs, first, finish = [], [], [], None, None
+        for event in stream:
+            if isinstance(event, TokenDelta):
+                first = first or time.perf_counter()
+                text.append(event.text)
+                ids += event.token_ids
+                logprobs += event.logprobs or []
+            else:
+                finish = event
+        if finish.reason == "error":
+            raise RuntimeError(f"generation failed: {finish.error}") from finish.error
+        end = time.perf_counter()
+        first = first or end
+        timing = Timing(len(prompt_ids), len(ids), first - begin, end - first)
+        return GenerationResult("".join(text), ids, finish.reason, timing, logprobs or None, prompt_ids)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _entry(model: str | dict[str, Any] | ModelEntry) -> ModelEntry:
+    if isinstance(model, ModelEntry):
+        return model
+    if isinstance(model, dict):
+        return entry_from_dict(model)
+    if isinstance(model, str):
+        from mrs.config.hydra import model_preset  # Hydra only when a preset is named
+
+        return model_preset(model)
+    raise ConfigError(f"mrs.load takes a preset name, a dict or a ModelEntry, not {type(model).__name__}")
+
+
+def _engine_config(engine: str | dict[str, Any] | EngineConfig | None) -> EngineConfig:
+    if engine is None:
+        return DEFAULT_ENGINE
+    if isinstance(engine, EngineConfig):
+        return engine
+    if isinstance(engine, dict):
+        return EngineConfig(**engine)
+    if isinstance(engine, str):
+        from omegaconf import OmegaConf
+
+        from mrs.config.hydra import compose_config
+
+        return OmegaConf.to_object(compose_config([f"engine={engine}"]).engine)
+    raise ConfigError(f"engine must be a preset name, a dict or an EngineConfig, not {type(engine).__name__}")
+
+
+def load(
+    model: str | dict[str, Any] | ModelEntry,
+    engine: str | dict[str, Any] | EngineConfig | None = None,
+    **entry_fields: Any,
+) -> Pipeline:
+    """Load a model (preset name from conf/model/, a ModelEntry-shaped dict, or a ModelEntry)
+    and start its engine (``engine``: a conf/engine/ preset name, dict or EngineConfig).
+
+    ``entry_fields`` override ModelEntry fields, e.g. ``dtype="bfloat16"`` or
+    ``dequantize_gguf=True``.
+    """
+    from mrs.loading.load import load_checkpoint
+
+    entry = _entry(model)
+    try:
+        entry = dataclasses.replace(entry, **entry_fields)
+    except TypeError as err:
+        raise ConfigError(f"mrs.load: {err}") from None
+    checkpoint = load_checkpoint(entry)
+    return Pipeline(entry, checkpoint, Engine(checkpoint, _engine_config(engine)).start())
