@@ -1,0 +1,45 @@
+"""Quality of a quantized model against its float original: teacher-forced top-1 and perplexity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrs.models.config import ModelConfig
+from mrs.models.layers import init_cache
+
+
+@dataclass(frozen=True)
+class TeacherForced:
+    top1: np.ndarray  # [N] the model's argmax after each prefix
+    nll: np.ndarray  # [N] negative log-likelihood of the actual next token
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll.mean()))
+
+    def agreement(self, other: "TeacherForced") -> float:
+        """Fraction of positions where both models predict the same next token."""
+        return float(np.mean(self.top1 == other.top1))
+
+
+def teacher_forced(model: Any, params: Any, config: ModelConfig, tokens: list[int]) -> TeacherForced:
+    """Run ``tokens`` through the model in one pass; score each next-token prediction."""
+    ids = jnp.asarray([tokens[:-1]], jnp.int32)
+    targets = jnp.asarray(tokens[1:], jnp.int32)
+    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+
+    @jax.jit
+    def score(params: Any) -> tuple[jax.Array, jax.Array]:
+        cache = init_cache(config, 1, ids.shape[1])
+        logits, _ = model.apply({"params": params}, ids, positions, cache)
+        logprobs = jax.nn.log_softmax(logits[0], axis=-1)
+        nll = -jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        return jnp.argmax(logits[0], axis=-1), nll
+
+    top1, nll = score(params)
+    return TeacherForced(np.asarray(top1), np.asarray(nll))
