@@ -115,6 +115,28 @@ def hf_model(kind: str, **overrides) -> torch.nn.Module:
     return model
 
 
+def dialogpt_medium_shaped() -> GPT2LMHeadModel:
+    """Random weights in DialoGPT-medium's exact shape (24 x 1024, 16 heads, 1024 positions,
+    vocab 50257), HF's init scale. Built on the meta device and filled in place: HF's
+    per-module init of 355M parameters is several times slower."""
+    config = GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257,
+                        bos_token_id=50256, eos_token_id=50256)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    model = model.to_empty(device="cpu").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            else:  # LayerNorm weights near 1, biases near 0
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if name.endswith("ln_1.weight")
+                        or name.endswith("ln_2.weight") or name.endswith("ln_f.weight") else 0.0))
+    model.tie_weights()
+    return model
+
+
 def save_checkpoint(model: torch.nn.Module, path: Path, *, dtype: torch.dtype | None = None,
                     max_shard_size: str | None = None) -> Path:
     """``save_pretrained`` (safetensors) plus a matching tokenizer."""
@@ -127,31 +149,40 @@ def save_checkpoint(model: torch.nn.Module, path: Path, *, dtype: torch.dtype | 
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_apply(config: ModelConfig):
+def jitted_apply(config: ModelConfig):
     """One jitted apply per config, so checkpoints of the same shape share compiles."""
     return jax.jit(build_model(config).apply)
 
 
-def mrs_generate(config: ModelConfig, params: dict, prompt: list[int], steps: int,
-                 bucket: int = 16, cache_len: int = 64) -> tuple[np.ndarray, list[int]]:
+def _padded(ids: list[int], start: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[1, width]`` tokens and positions; the tail is padding at PAD_POSITION."""
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(ids)] = ids
+    positions = np.full((1, width), PAD_POSITION, np.int32)
+    positions[0, :len(ids)] = np.arange(start, start + len(ids))
+    return tokens, positions
+
+
+def mrs_generate(config: ModelConfig, params: dict, prompt: list[int], steps: int, bucket: int = 16,
+                 cache_len: int = 64, decode_width: int = 1) -> tuple[np.ndarray, list[int]]:
     """Prompt logits ``[T, V]`` and greedy tokens through the model contract: a padded
-    prefill (padding at PAD_POSITION), then one-token decode steps on the cache."""
-    apply = _jitted_apply(config)
+    prefill (padding at PAD_POSITION), then one-token decode steps on the cache.
+
+    ``decode_width=bucket`` decodes in the prefill's shape (the token, then padding):
+    one compile instead of two, for the big models.
+    """
+    apply = jitted_apply(config)
     length = len(prompt)
     assert length + steps <= cache_len, "raise cache_len"
-    padded = -(-length // bucket) * bucket
-    tokens = np.zeros((1, padded), np.int32)
-    tokens[0, :length] = prompt
-    positions = np.full((1, padded), PAD_POSITION, np.int32)
-    positions[0, :length] = np.arange(length)
     cache = init_cache(config, 1, cache_len)
+    tokens, positions = _padded(prompt, 0, -(-length // bucket) * bucket)
     logits, cache = apply({"params": params}, tokens, positions, cache)
     prompt_logits = np.asarray(logits[0, :length])
     out = [int(np.argmax(prompt_logits[-1]))]
     for i in range(steps - 1):
-        logits, cache = apply({"params": params}, jnp.asarray([[out[-1]]], jnp.int32),
-                              jnp.asarray([[length + i]], jnp.int32), cache)
-        out.append(int(jnp.argmax(logits[0, -1])))
+        tokens, positions = _padded(out[-1:], length + i, decode_width)
+        logits, cache = apply({"params": params}, tokens, positions, cache)
+        out.append(int(jnp.argmax(logits[0, 0])))
     return prompt_logits, out
 
 
