@@ -1,0 +1,58 @@
+"""Tokenizers: built from GGUF metadata, or loaded from a model id.
+
+For GGUF we hand the vocabulary, merges and token types we read to transformers'
+own GGUF tokenizer builders (gpt2-style byte-level BPE, SentencePiece/llama,
+gemma's variant), so our ids are the reference's by construction; the tests
+check that on a mixed corpus.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+from mrs.errors import LoadError
+from mrs.loading.gguf_reader import GGUFFile
+from mrs.loading.plain_tokenizer import load_tokenizer
+from mrs.loading.sources import resolve_model
+
+_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+            "pad_token": "padding_token_id"}
+
+
+def _tokenizer_fields(g: GGUFFile, renames: dict[str, str]) -> dict[str, Any]:
+    return {name: g.get(f"tokenizer.{key}") for key, name in renames.items() if g.has(f"tokenizer.{key}")}
+
+
+def gguf_add_bos(g: GGUFFile) -> bool:
+    """Whether raw text starts with BOS; llama.cpp's default is yes for SentencePiece vocabularies."""
+    flag = g.get("tokenizer.ggml.add_bos_token")
+    return bool(flag) if flag is not None else g.get("tokenizer.ggml.model") == "llama"
+
+
+def tokenizer_from_gguf(g: GGUFFile) -> PreTrainedTokenizerFast:
+    """The tokenizer a GGUF file describes, with bos/eos/unk/pad and ``add_bos_token`` set."""
+    spec = _tokenizer_fields(g, GGUF_TOKENIZER_MAPPING["tokenizer"])
+    if "tokens" not in spec:
+        raise LoadError(f"{g.path}: GGUF metadata has no tokenizer.ggml.tokens; set tok_model_id")
+    try:
+        backend, extra = convert_gguf_tokenizer(g.architecture, spec)
+    except ValueError as err:
+        raise LoadError(f"{g.path}: cannot build its tokenizer: {err}") from None
+    kwargs: dict[str, Any] = dict(extra)
+    kwargs["add_bos_token"] = gguf_add_bos(g)
+    kwargs["add_eos_token"] = bool(g.get("tokenizer.ggml.add_eos_token", False))
+    tokens = spec["tokens"]
+    for name, key in _SPECIAL.items():
+        token_id = g.get(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            kwargs[name] = tokens[int(token_id)]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def tokenizer_from_id(tok_model_id: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local directory or hub repo (``tok_model_id`` of an entry)."""
+    root = resolve_model(tok_model_id, allow_patterns=["tokenizer*", "*.json", "*.model", "*.jinja"])
+    return load_tokenizer(root)
