@@ -22,8 +22,6 @@ from serving.errors import envelope, to_reply, validation_message
 from serving.metrics import Metrics
 from serving.table import LOADED, ModelTable
 
-_TOKENIZE_TIMEOUT_S = 60
-
 
 def create_app(table: ModelTable) -> Quart:
     app = Quart("mrs")
@@ -31,6 +29,7 @@ def create_app(table: ModelTable) -> Quart:
                 swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None)
     metrics = Metrics(table.stats)
     app.config["MRS_STARTED"] = False  # set by the runner once startup loading is over
+    app.config["RESPONSE_TIMEOUT"] = None  # a long generation is not a stalled response
 
     def json_reply(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
         return Response(json.dumps(body, ensure_ascii=False), status=status, headers=headers,
@@ -78,9 +77,7 @@ def create_app(table: ModelTable) -> Quart:
             count(job.model_id, endpoint, to_reply(exc).status)
             raise
         count(job.model_id, endpoint, 200)
-        response = Response(chunks, headers=sse.HEADERS)
-        response.timeout = None  # a long generation is not a stalled response
-        return response
+        return Response(chunks, headers=sse.HEADERS)
 
     @app.post("/v1/chat/completions")
     @validate_request(protocol.ChatCompletionRequest)
