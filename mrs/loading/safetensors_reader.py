@@ -68,9 +68,12 @@ def read_tensors(files: list[Path], dtype: Any) -> Iterator[tuple[str, np.ndarra
     """
     cpu = jax.devices("cpu")[0]
     for path in files:
-        with jax.default_device(cpu), safe_open(str(path), framework="flax") as f:
+        with safe_open(str(path), framework="flax") as f:
             for name in f.keys():
-                value = np.asarray(f.get_tensor(name))
+                # Only around the read: a context held across ``yield`` would leak
+                # into the caller and pin its device arrays to the CPU too.
+                with jax.default_device(cpu):
+                    value = np.asarray(f.get_tensor(name))
                 if jnp.issubdtype(value.dtype, jnp.floating):
                     value = value.astype(dtype, copy=False)
                 yield name, value
