@@ -185,7 +185,6 @@ def _describe(entry: ModelEntry) -> str:
 
 def _summary(pipeline: Pipeline) -> str:
     stats = pipeline.engine.stats()
-    template = "chat template" if pipeline.checkpoint.chat_template else "no chat template"
-    notes = "".join(f"; {note}" for note in pipeline.checkpoint.notes)
+    notes = "".join(f"; {note}" for note in pipeline.checkpoint.notes)  # e.g. which chat template
     return (f"arch {pipeline.config.arch}, context {pipeline.engine.context_limit}, {stats['slots_total']} slots, "
-            f"warm-up {stats['warmup_s']:.1f}s, {template}{notes}")
+            f"warm-up {stats['warmup_s']:.1f}s{notes}")

@@ -23,6 +23,10 @@ BIN = Path(sys.executable).parent
 # The same shape everywhere: a second server with it hits the compilation cache.
 SMALL_ENGINE = ["--max-seqs", "4", "--max-seq-len", "512", "--prefill-buckets", "64,256"]
 SMALL_ENGINE_HYDRA = ["engine=small"]  # conf/engine/small.yaml: the same numbers
+# Tiny random-weight models: one prefill bucket and one attention length, two compiles.
+TINY_ENGINE = ["--max-seqs", "2", "--max-seq-len", "128", "--prefill-buckets", "64"]
+TINY_ENGINE_HYDRA = ["engine.max_batch=2", "engine.max_seq_len=128", "engine.prefill_buckets=[64]"]
+TINY_ENGINE_CONFIG = {"max_batch": 2, "max_seq_len": 128, "prefill_buckets": [64]}
 
 
 def free_port() -> int:

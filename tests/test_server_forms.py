@@ -15,7 +15,9 @@ import openai
 import pexpect
 import pytest
 from hf_checkpoints import hf_model, save_checkpoint
-from server_process import BIN, SMALL_ENGINE, SMALL_ENGINE_HYDRA, jax_cache_env, start
+from server_process import (
+    BIN, SMALL_ENGINE, TINY_ENGINE, TINY_ENGINE_CONFIG, TINY_ENGINE_HYDRA, jax_cache_env, start,
+)
 
 import mrs
 
@@ -32,7 +34,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(tiny_llama: Path) -> dict:
     """The pipeline's greedy completion of PROMPT_IDS (ignoring EOS, so always STEPS tokens)."""
     entry = {"model_id": "tiny", "model": {"kind": "plain", "model_id": str(tiny_llama), "arch": "llama"}}
-    with mrs.load(entry) as pipe:
+    with mrs.load(entry, TINY_ENGINE_CONFIG) as pipe:
         result = pipe.generate(PROMPT_IDS, max_tokens=STEPS, ignore_eos=True)
     return {"text": result.text, "ids": result.token_ids}
 
@@ -48,7 +50,7 @@ def _complete(client: openai.OpenAI, model: str) -> openai.types.Completion:
 
 
 def test_seed_single_model_plain_form(tiny_llama: Path, reference: dict, tmp_path: Path) -> None:
-    server = start([str(BIN / "mrs-server"), *SMALL_ENGINE, "plain", "-m", str(tiny_llama), "-a", "llama"],
+    server = start([str(BIN / "mrs-server"), *TINY_ENGINE, "plain", "-m", str(tiny_llama), "-a", "llama"],
                    tmp_path / "plain.log", jax_cache_env())
     try:
         server.wait_ready()
@@ -67,7 +69,7 @@ def test_hydra_front_door(tiny_llama: Path, reference: dict, tmp_path: Path) -> 
     config = tmp_path / "models.json"
     config.write_text(json.dumps({"tiny-a": {"Plain": {"model_id": str(tiny_llama), "arch": "llama"}, "alias": "tiny"}}))
     server = start([str(BIN / "mrs"), "serve", f"multi_model_config={config}", "default_model_id=tiny",
-                    *SMALL_ENGINE_HYDRA], tmp_path / "hydra.log", jax_cache_env())
+                    *TINY_ENGINE_HYDRA], tmp_path / "hydra.log", jax_cache_env())
     try:
         server.wait_ready()
         client = _client(server.url)

@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 from hf_checkpoints import hf_model, save_checkpoint
-from server_process import BIN, SMALL_ENGINE, jax_cache_env, start
+from server_process import BIN, TINY_ENGINE, TINY_ENGINE_CONFIG, jax_cache_env, start
 
 import mrs
 
@@ -38,7 +38,7 @@ def dialogpt_medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_seed_single_model_command_with_dialogpt_shape(dialogpt_medium: Path, tmp_path: Path) -> None:
-    server = start([str(BIN / "mrs-server"), *SMALL_ENGINE, "plain", "-m", str(dialogpt_medium), "-a", "gpt2"],
+    server = start([str(BIN / "mrs-server"), *TINY_ENGINE, "plain", "-m", str(dialogpt_medium), "-a", "gpt2"],
                    tmp_path / "dialogpt.log", jax_cache_env())
     try:
         server.wait_ready()
@@ -65,7 +65,7 @@ def two_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _greedy(path: Path) -> str:
     entry = {"model_id": path.name, "model": {"kind": "plain", "model_id": str(path)}}
-    with mrs.load(entry) as pipe:
+    with mrs.load(entry, TINY_ENGINE_CONFIG) as pipe:
         return pipe.generate(PROMPT_IDS, max_tokens=STEPS, ignore_eos=True).text
 
 
@@ -78,7 +78,7 @@ def test_seed_example_1_two_gpt2_models(two_gpt2: tuple[Path, Path], tmp_path: P
     ]))
     expected = {"gpt2-small": _greedy(small), "gpt2-large": _greedy(large)}
     assert expected["gpt2-small"] != expected["gpt2-large"]
-    server = start([str(BIN / "mrs-server"), *SMALL_ENGINE, "--multi-model", "--multi-model-config", str(config)],
+    server = start([str(BIN / "mrs-server"), *TINY_ENGINE, "--multi-model", "--multi-model-config", str(config)],
                    tmp_path / "example1.log", jax_cache_env())
     try:
         server.wait_ready()
