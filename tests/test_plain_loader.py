@@ -174,3 +174,29 @@ def test_gemma3_legacy_config_layout():
     assert scaled.rope_linear_factor == 8.0
     with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
         gemma3_config({**legacy, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
+
+
+SMOLLM2_PLAIN = "SmolLM2-135M-Instruct"  # the Plain copy mrs.fetch writes next to the GGUF
+
+
+@pytest.fixture(scope="module")
+def smollm2_plain(demo_models_dir: Path) -> Path:
+    path = demo_models_dir / SMOLLM2_PLAIN
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"{path}: mrs.fetch has not written the SmolLM2 Plain copy")
+    return path
+
+
+def test_smollm2_plain_matches_hf(smollm2_plain: Path):
+    """The real checkpoint: chat prompt through its own template, greedy 32 tokens equal HF's."""
+    checkpoint = load_plain(entry(smollm2_plain))
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_plain, dtype=torch.float32).eval()
+    assert checkpoint.config.arch == "llama" and checkpoint.chat_template
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = checkpoint.tokenizer.apply_chat_template(messages, chat_template=checkpoint.chat_template,
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+    ours_logits, ours = mrs_generate(checkpoint.config, checkpoint.params, ids, 32, bucket=64, cache_len=128)
+    ref_logits, ref = hf_generate(reference, ids, 32)
+    np.testing.assert_allclose(ours_logits, ref_logits, atol=1e-3, rtol=1e-4)
+    assert ours == ref
+    assert "Paris" in checkpoint.tokenizer.decode(ours)
