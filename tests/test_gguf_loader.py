@@ -14,8 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gguf_files import write_llama_gguf
 from hf_checkpoints import SMALL, byte_level_tokenizer, hf_generate, mrs_generate
-from mrs.config.schema import GGUF, ModelEntry, ModelSource
-from mrs.errors import LoadError
+from mrs.config.schema import GGUF, VISION_PLAIN, ModelEntry, ModelSource
+from mrs.errors import ConfigError, LoadError
 from mrs.loading.gguf_config import model_config_from_gguf
 from mrs.loading.gguf_reader import open_gguf
 from mrs.loading.gguf_weights import hf_tensor_name
@@ -141,11 +141,28 @@ def _dense(w):
     return w.dequantize(jnp.float32) if hasattr(w, "dequantize") else w
 
 
-def test_tokenizer_from_tok_model_id(tiny) -> None:
+def test_tokenizer_and_template_from_tok_model_id(tiny) -> None:
     model, path = tiny["untied"]
     tok_dir = tiny["root"] / "tok"
-    tiny["tokenizer"].save_pretrained(tok_dir)
+    tokenizer = tiny["tokenizer"]
+    tokenizer.chat_template = "TOKENIZER DIR {{ messages[0]['content'] }}"
+    tokenizer.save_pretrained(tok_dir)
     checkpoint = load_checkpoint(entry(path, tok_model_id=str(tok_dir)))
     text = "def greet(name):\n    return 42"
-    assert checkpoint.tokenizer(text).input_ids == tiny["tokenizer"](text).input_ids
+    assert checkpoint.tokenizer(text).input_ids == tokenizer(text).input_ids
     assert "tokenizer from" in " ".join(checkpoint.notes)
+    assert checkpoint.chat_template == tokenizer.chat_template  # the checkpoint's own outranks GGUF metadata
+    literal = "{{ 'ENTRY' }}"
+    overridden = load_checkpoint(ModelEntry(model_id="tiny", chat_template=literal,
+                                            model=ModelSource(kind=GGUF, quantized_model_id=str(path))))
+    assert overridden.chat_template == literal
+    assert "chat template: chat_template (literal)" in overridden.notes
+
+
+def test_kind_dispatch(tiny) -> None:
+    with pytest.raises(LoadError, match="vision-plain models are not supported yet"):
+        load_checkpoint(ModelEntry(model_id="v", model=ModelSource(kind=VISION_PLAIN, model_id="x")))
+    with pytest.raises(ConfigError, match="unknown model kind 'onnx'"):
+        load_checkpoint(ModelEntry(model_id="o", model=ModelSource(kind="onnx")))
+    with pytest.raises(ConfigError, match="a Gguf entry needs quantized_model_id"):
+        load_checkpoint(ModelEntry(model_id="g", model=ModelSource(kind=GGUF)))
