@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from mrs.models.config import FULL, SLIDING, ModelConfig
 from mrs.models.layers import (
-    ACTIVATIONS,
     Embedding,
+    GatedMLP,
     KVCache,
     Linear,
     RMSNorm,
@@ -69,16 +69,6 @@ class Attention(nn.Module):
         return Linear(c.attention_bias, name="o_proj")(out), (k_cache, v_cache)
 
 
-class MLP(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        act = ACTIVATIONS[self.config.hidden_activation]
-        gate = act(Linear(name="gate_proj")(x))
-        return Linear(name="down_proj")(gate * Linear(name="up_proj")(x))
-
-
 class DecoderLayer(nn.Module):
     config: ModelConfig
     layer: int
@@ -92,7 +82,7 @@ class DecoderLayer(nn.Module):
 
         h, cache = Attention(c, self.layer, name="self_attn")(norm("input_layernorm")(x), positions, cache, kv_len)
         x = x + norm("post_attention_layernorm")(h)
-        h = MLP(c, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        h = GatedMLP(c, name="mlp")(norm("pre_feedforward_layernorm")(x))
         x = x + norm("post_feedforward_layernorm")(h)
         return x, cache
 

@@ -117,6 +117,18 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``: SwiGLU (llama family) or GeGLU (gemma3), per config."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        act = ACTIVATIONS[self.config.hidden_activation]
+        gate = act(Linear(name="gate_proj")(x))
+        return Linear(name="down_proj")(gate * Linear(name="up_proj")(x))
+
+
 def rope_inv_freq(config: ModelConfig, theta: float, scaled: bool) -> np.ndarray:
     """Inverse frequencies (host constant), with llama3 or linear scaling when configured."""
     dim = config.head_dim

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from mrs.models.config import ModelConfig
 from mrs.models.layers import (
-    ACTIVATIONS,
     Embedding,
+    GatedMLP,
     KVCache,
     Linear,
     RMSNorm,
@@ -50,16 +50,6 @@ class Attention(nn.Module):
         return Linear(name="o_proj")(out), (k_cache, v_cache)
 
 
-class MLP(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        act = ACTIVATIONS[self.config.hidden_activation]
-        gate = act(Linear(name="gate_proj")(x))
-        return Linear(name="down_proj")(gate * Linear(name="up_proj")(x))
-
-
 class DecoderLayer(nn.Module):
     config: ModelConfig
     layer: int
@@ -71,7 +61,7 @@ class DecoderLayer(nn.Module):
             RMSNorm(c.norm_eps, name="input_layernorm")(x), positions, cache, kv_len
         )
         x = x + h
-        x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="post_attention_layernorm")(x))
+        x = x + GatedMLP(c, name="mlp")(RMSNorm(c.norm_eps, name="post_attention_layernorm")(x))
         return x, cache
 
 
