@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from mrs.config.schema import ModelEntry, ModelSource
 from mrs.errors import ConfigError, LoadError
+from mrs.fetch import fetch_plain_copy
 from mrs.loading.safetensors_reader import load_plain
 from mrs.models.config import FULL, SLIDING
 from mrs.models.gemma3 import config_from_hf as gemma3_config
@@ -176,15 +177,10 @@ def test_gemma3_legacy_config_layout():
         gemma3_config({**legacy, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
 
 
-SMOLLM2_PLAIN = "SmolLM2-135M-Instruct"  # the Plain copy mrs.fetch writes next to the GGUF
-
-
 @pytest.fixture(scope="module")
 def smollm2_plain(demo_models_dir: Path) -> Path:
-    path = demo_models_dir / SMOLLM2_PLAIN
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path}: mrs.fetch has not written the SmolLM2 Plain copy")
-    return path
+    """The real SmolLM2 as a Plain checkpoint (mrs.fetch writes it from the GGUF; idempotent)."""
+    return fetch_plain_copy(demo_models_dir)
 
 
 def test_smollm2_plain_matches_hf(smollm2_plain: Path):
@@ -199,4 +195,5 @@ def test_smollm2_plain_matches_hf(smollm2_plain: Path):
     ref_logits, ref = hf_generate(reference, ids, 32)
     np.testing.assert_allclose(ours_logits, ref_logits, atol=1e-3, rtol=1e-4)
     assert ours == ref
+    assert checkpoint.eos_token_ids == (2, 0)  # generation_config.json's list
     assert "Paris" in checkpoint.tokenizer.decode(ours)
