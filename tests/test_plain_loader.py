@@ -20,6 +20,8 @@ from mrs.fetch import fetch_plain_copy
 from mrs.loading.safetensors_reader import load_plain
 from mrs.models.config import FULL, SLIDING
 from mrs.models.gemma3 import config_from_hf as gemma3_config
+from mrs.models.gemma3 import hf_name
+from mrs.models.llama import config_from_hf as llama_config
 from mrs.models.registry import detect_arch
 from mrs.quant import QArray
 
@@ -197,3 +199,30 @@ def test_smollm2_plain_matches_hf(smollm2_plain: Path):
     assert ours == ref
     assert checkpoint.eos_token_ids == (2, 0)  # generation_config.json's list
     assert "Paris" in checkpoint.tokenizer.decode(ours)
+
+
+def test_qwen2_sliding_layers(tmp_path):
+    """qwen2 slides only from max_window_layers on; HF saves that as layer_types."""
+    model = hf_model("qwen2", use_sliding_window=True, sliding_window=8,
+                     layer_types=["full_attention", "sliding_attention"])
+    checkpoint = load_plain(entry(save_checkpoint(model, tmp_path / "qwen2-sliding")))
+    assert checkpoint.config.layer_types == (FULL, SLIDING)
+    assert_parity(checkpoint, model)
+    legacy = json.loads((tmp_path / "qwen2-sliding" / "config.json").read_text())
+    del legacy["layer_types"]
+    legacy["max_window_layers"] = 1
+    assert llama_config(legacy).layer_types == (FULL, SLIDING)
+
+
+def test_gemma3_multimodal_text_tower():
+    """Gemma3ForConditionalGeneration: text_config nested, tying decided at the top level,
+    the text tower's tensor names under model.language_model (v5) or language_model.model."""
+    config = gemma3_config({"model_type": "gemma3", "tie_word_embeddings": False,
+                            "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "sliding_window_pattern": 2}})
+    assert (config.hidden_size, config.num_layers, config.tie_word_embeddings) == (64, 2, False)
+    assert config.layer_types == (SLIDING, FULL)
+    assert hf_name("model.language_model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert hf_name("language_model.model.norm.weight") == "model.norm.weight"
+    assert hf_name("language_model.lm_head.weight") == "lm_head.weight"
+    assert hf_name("model.vision_tower.encoder.layers.0.mlp.fc1.weight") is None
+    assert hf_name("multi_modal_projector.mm_input_projection_weight") is None

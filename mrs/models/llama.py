@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrs.models.config import ModelConfig
+from mrs.models.config import FULL, SLIDING, ModelConfig
 from mrs.models.layers import (
     Embedding,
     GatedMLP,
@@ -107,6 +107,15 @@ class LlamaForCausalLM(nn.Module):
         return logits.astype(jnp.float32), cache
 
 
+def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
+    """Which layers slide: config.json's list when saved, else qwen2's ``max_window_layers``
+    rule (layers from that index on), else all (mistral)."""
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    first = hf.get("max_window_layers", 28) if arch == "qwen2" else 0
+    return tuple(SLIDING if i >= first else FULL for i in range(layers))
+
+
 def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
     """ModelConfig from a Hugging Face ``config.json`` of llama, mistral or qwen2."""
     arch = hf.get("model_type", "llama")
@@ -139,7 +148,7 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
         rope_llama3_scaling=llama3,
         attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
         sliding_window=window,
-        layer_types=("sliding_attention",) * layers if window else (),
+        layer_types=_layer_types(hf, arch, layers) if window else (),
         hidden_activation=hf.get("hidden_act", "silu"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=dtype,
