@@ -8,9 +8,11 @@ interactive chat uses the real SmolLM2 GGUF.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import openai
 import pexpect
 import pytest
@@ -69,14 +71,27 @@ def test_hydra_front_door(tiny_llama: Path, reference: dict, tmp_path: Path) -> 
     config = tmp_path / "models.json"
     config.write_text(json.dumps({"tiny-a": {"Plain": {"model_id": str(tiny_llama), "arch": "llama"}, "alias": "tiny"}}))
     server = start([str(BIN / "mrs"), "serve", f"multi_model_config={config}", "default_model_id=tiny",
-                    *TINY_ENGINE_HYDRA], tmp_path / "hydra.log", jax_cache_env())
+                    *TINY_ENGINE_HYDRA, "engine.max_queue=1"], tmp_path / "hydra.log", jax_cache_env())
     try:
         server.wait_ready()
         client = _client(server.url)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         assert _complete(client, "tiny").choices[0].text == reference["text"]
+        # 2 slots and a queue of 1: of 6 simultaneous long requests some must get 429.
+        statuses = asyncio.run(_burst(server.url, 6))
+        assert set(statuses) == {200, 429}, statuses
     finally:
         assert server.stop() == 0, server.output()[-3000:]
+
+
+async def _burst(url: str, count: int) -> list[int]:
+    body = {"model": "tiny", "prompt": PROMPT_IDS, "max_tokens": 100, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        replies = await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(count)])
+    for reply in replies:
+        if reply.status_code == 429:
+            assert reply.headers["retry-after"] and reply.json()["error"]["type"] == "rate_limit_error"
+    return [reply.status_code for reply in replies]
 
 
 def test_interactive_chat_through_a_pty(smollm2_gguf: Path) -> None:
