@@ -183,7 +183,9 @@ def test_bad_requests_raise_before_queueing(engine) -> None:
 
 def test_queue_overflow_raises_overloaded(tiny) -> None:
     # not started: nothing drains the queue, so the bound is hit deterministically
-    idle = Engine(tiny[0], EngineConfig(max_batch=2, max_seq_len=64, max_queue=2, prefill_buckets=[16]))
+    checkpoint = tiny[0]
+    idle = Engine.from_parts(checkpoint.config, checkpoint.params, checkpoint.tokenizer, checkpoint.eos_token_ids,
+                             EngineConfig(max_batch=2, max_seq_len=64, max_queue=2, prefill_buckets=[16]))
     idle.submit(GenerationRequest(prompt(5)))
     idle.submit(GenerationRequest(prompt(5)))
     with pytest.raises(Overloaded):

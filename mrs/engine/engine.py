@@ -24,12 +24,13 @@ import numpy as np
 from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.sampling import SampleOut, host_row
-from mrs.engine.steps import Steps, bucket_for, kv_buckets
+from mrs.engine.steps import Steps, batch_buckets, bucket_for, kv_buckets
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.engine.validate import validate_request
 from mrs.errors import InvalidRequest, ModelUnavailable, Overloaded
 from mrs.loading.checkpoint import Checkpoint
+from mrs.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Engine:
             self.context_limit
         ]
         self._kv_buckets = kv_buckets(self.context_limit)
+        self._batch_buckets = batch_buckets(self.max_batch)
         self._steps = Steps(model_config, self.max_batch, self.context_limit)
         self._params = jax.device_put(checkpoint.params)
         self._state: Any = None
@@ -98,6 +100,23 @@ class Engine:
         self._steps_run = 0
         self._step_seconds = 0.0
         self._warmup_seconds = 0.0
+
+    @classmethod
+    def from_parts(
+        cls,
+        model_config: ModelConfig,
+        params: Any,
+        tokenizer: Any,
+        eos_token_ids: tuple[int, ...],
+        config: EngineConfig | None = None,
+    ) -> "Engine":
+        """An engine for a model given as config + parameter tree + tokenizer (no loader)."""
+        checkpoint = Checkpoint(
+            config=model_config, params=params, tokenizer=tokenizer, eos_token_ids=tuple(eos_token_ids),
+            bos_token_id=getattr(tokenizer, "bos_token_id", None), add_bos=False, chat_template=None,
+            source="in-memory parameters",
+        )
+        return cls(checkpoint, config)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -244,7 +263,8 @@ class Engine:
         active = np.zeros(self.max_batch, bool)
         active[0] = True
         for kv_len in self._kv_buckets:
-            self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len)
+            for rows in self._batch_buckets:
+                self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len, rows=rows)
         jax.block_until_ready(out)
         self._state = self._steps.init_state()
         self._warmup_seconds = time.perf_counter() - begin
@@ -312,18 +332,19 @@ class Engine:
         """Launch one decode step for every slot that may still produce a token."""
         active = np.zeros(self.max_batch, bool)
         owners: list[_Seq | None] = [None] * self.max_batch
-        longest = 0
+        longest = last = 0
         for i, seq in enumerate(self._slots):
             if seq is None or seq.done or 1 + seq.dispatched >= seq.max_tokens:
                 continue
-            active[i], owners[i] = True, seq
+            active[i], owners[i], last = True, seq, i
             longest = max(longest, seq.prompt_len + seq.dispatched + 1)
             seq.dispatched += 1
         if not active.any():
             return None
         started = time.perf_counter()
         kv_len = bucket_for(longest, self._kv_buckets)
-        self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len)
+        rows = bucket_for(last + 1, self._batch_buckets)  # slots fill lowest first
+        self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len, rows=rows)
         return _Step(out, owners, started)
 
     def _collect(self, step: _Step) -> None:

@@ -42,6 +42,15 @@ def kv_buckets(max_seq_len: int, smallest: int = 128) -> list[int]:
     return buckets + [max_seq_len]
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """Static decode batch sizes: powers of 4 below ``max_batch``, then ``max_batch``."""
+    buckets, size = [], 1
+    while size < max_batch:
+        buckets.append(size)
+        size *= 4
+    return buckets + [max_batch]
+
+
 def bucket_for(length: int, buckets: list[int]) -> int:
     for size in buckets:
         if length <= size:
@@ -73,7 +82,7 @@ class Steps:
         self.traces: Counter[str] = Counter()
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
         self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("kv_len",))
-        self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("kv_len",))
+        self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("kv_len", "rows"))
 
     def init_state(self) -> DecodeState:
         b, v = self.max_batch, self.config.vocab_size
@@ -139,24 +148,29 @@ class Steps:
         return state, out
 
     def _decode(
-        self, params: Any, state: DecodeState, active: Array, *, kv_len: int
+        self, params: Any, state: DecodeState, active: Array, *, kv_len: int, rows: int
     ) -> tuple[DecodeState, SampleOut]:
-        """One token for every ``active`` slot; idle slots read and write nothing."""
-        self.traces[f"decode/{kv_len}"] += 1
-        positions = jnp.where(active, state.positions, PAD_POSITION)
+        """One token for every ``active`` slot among the first ``rows`` (static: a batch
+        bucket, so a lightly loaded engine does not pay for all its slots); idle slots
+        read and write nothing."""
+        self.traces[f"decode/{rows}/{kv_len}"] += 1
+        head = lambda x: x[:rows]  # noqa: E731
+        active = head(active)
+        positions = jnp.where(active, head(state.positions), PAD_POSITION)
         logits, cache = self.model.apply(
-            {"params": params}, state.tokens[:, None], positions[:, None], state.cache,
-            logits_at=jnp.zeros((self.max_batch,), jnp.int32), kv_len=kv_len,
+            {"params": params}, head(state.tokens)[:, None], positions[:, None], state.cache,
+            logits_at=jnp.zeros((rows,), jnp.int32), kv_len=kv_len,
         )
-        out = sample(logits, state.sampling, state.counts, state.seen, state.step)
-        tokens = jnp.where(active, out.tokens, state.tokens)
+        sampling = jax.tree.map(head, state.sampling)
+        out = sample(logits, sampling, head(state.counts), head(state.seen), head(state.step))
+        tokens = jnp.where(active, out.tokens, head(state.tokens))
         grow = active.astype(jnp.int32)
-        slots = jnp.arange(self.max_batch)
+        slots = jnp.arange(rows)
         state = state._replace(
             cache=cache,
-            tokens=tokens,
-            positions=state.positions + grow,
-            step=state.step + grow,
+            tokens=state.tokens.at[:rows].set(tokens),
+            positions=state.positions.at[:rows].add(grow),
+            step=state.step.at[:rows].add(grow),
             counts=state.counts.at[slots, tokens].add(grow),
             seen=state.seen.at[slots, tokens].set(state.seen[slots, tokens] | active),
         )

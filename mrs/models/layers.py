@@ -159,8 +159,12 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 def update_cache(cache: Array, new: Array, positions: Array) -> Array:
-    """Write ``new [B, T, H, D]`` into ``cache [B, S, H, D]`` at rows ``positions [B, T]``."""
-    batch = jnp.arange(cache.shape[0])[:, None]
+    """Write ``new [b, T, H, D]`` into ``cache [B, S, H, D]`` at rows ``positions [b, T]``.
+
+    ``b <= B``: a step may run only the first ``b`` slots (the engine's decode does
+    when the others are idle); the remaining slots are left as they are.
+    """
+    batch = jnp.arange(new.shape[0])[:, None]
     return cache.at[batch, positions].set(new.astype(cache.dtype), mode="drop")
 
 
@@ -183,6 +187,7 @@ def attend(
     if kv_len is not None:
         k_cache, v_cache = k_cache[:, :kv_len], v_cache[:, :kv_len]
     batch, steps, heads, dim = q.shape
+    k_cache, v_cache = k_cache[:batch], v_cache[:batch]  # queries for the first slots only
     kv_heads = k_cache.shape[2]
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
