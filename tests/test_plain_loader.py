@@ -130,6 +130,13 @@ def test_unknown_model_type(llama, tmp_path):
         load_plain(entry(path, arch="bert"))
 
 
+def test_arch_that_does_not_fit_config(llama):
+    _, path = llama
+    with pytest.raises(LoadError, match="describes a 'llama' model, which arch 'gpt2' cannot load"):
+        load_plain(entry(path, arch="gpt2"))
+    assert load_plain(entry(path, arch="mistral")).config.arch == "mistral"  # same family: allowed
+
+
 def test_missing_tensor_is_named(llama, tmp_path):
     _, src = llama
     path = shutil.copytree(src, tmp_path / "partial")
@@ -226,3 +233,14 @@ def test_gemma3_multimodal_text_tower():
     assert hf_name("language_model.lm_head.weight") == "lm_head.weight"
     assert hf_name("model.vision_tower.encoder.layers.0.mlp.fc1.weight") is None
     assert hf_name("multi_modal_projector.mm_input_projection_weight") is None
+
+
+def test_saved_rope_buffers_are_ignored(llama, tmp_path):
+    """Older llama checkpoints saved ``rotary_emb.inv_freq`` next to the weights."""
+    _, src = llama
+    path = shutil.copytree(src, tmp_path / "old-llama")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    attention = load_plain(entry(path)).params["model"]["layers_0"]["self_attn"]
+    assert set(attention) == {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -55,6 +55,10 @@ _HF_CLASSES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qw
                "GPT2LMHeadModel": "gpt2"}
 
 
+# Buffers some older checkpoints saved next to the weights (llama's RoPE table).
+NON_WEIGHTS = ("rotary_emb.inv_freq",)
+
+
 def get_arch(name: str) -> Arch:
     try:
         return ARCHS[name]
@@ -68,14 +72,18 @@ def build_model(config: ModelConfig) -> nn.Module:
     return get_arch(config.arch).module(config)
 
 
+def _known_arch(hf: dict) -> str | None:
+    if hf.get("model_type") in _MODEL_TYPES:
+        return _MODEL_TYPES[hf["model_type"]]
+    return next((_HF_CLASSES[c] for c in hf.get("architectures") or () if c in _HF_CLASSES), None)
+
+
 def detect_arch(hf: dict) -> str:
     """Our arch name for a HF ``config.json``, from ``model_type`` then ``architectures``."""
+    arch = _known_arch(hf)
+    if arch is not None:
+        return arch
     model_type = hf.get("model_type")
-    if model_type in _MODEL_TYPES:
-        return _MODEL_TYPES[model_type]
-    for cls in hf.get("architectures") or ():
-        if cls in _HF_CLASSES:
-            return _HF_CLASSES[cls]
     raise ValueError(
         f"unsupported architecture (model_type {model_type!r}, architectures {hf.get('architectures')}); "
         f"supported: {', '.join(sorted(ARCHS))} (pass -a/--arch to choose one)"
@@ -84,6 +92,11 @@ def detect_arch(hf: dict) -> str:
 
 def config_from_hf(arch: str, hf: dict, dtype: str = "float32") -> ModelConfig:
     """The arch's config mapper, with the checks every family shares."""
+    module = get_arch(arch).module
+    described = _known_arch(hf)
+    if described is not None and ARCHS[described].module is not module:
+        # e.g. -a gpt2 on a llama directory: say so instead of listing missing tensors
+        raise ValueError(f"config.json describes a {described!r} model, which arch {arch!r} cannot load")
     config = get_arch(arch).config_from_hf(hf, dtype=dtype)
     if config.hidden_activation not in ACTIVATIONS:
         raise ValueError(
@@ -98,6 +111,8 @@ def params_from_hf(config: ModelConfig, named: Iterable[tuple[str, Any]]) -> dic
 
     def converted():
         for name, value in named:
+            if name.endswith(NON_WEIGHTS):
+                continue
             mapped = to_ours(name, value)
             if mapped is None or (config.tie_word_embeddings and mapped[0] == "lm_head.weight"):
                 continue
