@@ -186,14 +186,20 @@ def mrs_generate(config: ModelConfig, params: dict, prompt: list[int], steps: in
     return prompt_logits, out
 
 
-def hf_generate(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
-    """Prompt logits and greedy tokens, recomputing the whole sequence each step
-    (no cache, so it also checks our incremental decode)."""
+def hf_generate(model: torch.nn.Module, prompt: list[int], steps: int,
+                incremental: bool = False) -> tuple[np.ndarray, list[int]]:
+    """Prompt logits and greedy tokens. By default each step recomputes the whole sequence
+    (no cache: an independent check of our incremental decode); ``incremental`` uses HF's
+    own KV cache instead, for models where recomputing costs too much."""
     ids = list(prompt)
     with torch.no_grad():
-        prompt_logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        out = model(input_ids=torch.tensor([ids]), use_cache=incremental)
+        prompt_logits = out.logits[0].float().numpy()
         ids.append(int(np.argmax(prompt_logits[-1])))
         for _ in range(steps - 1):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
+            if incremental:
+                out = model(input_ids=torch.tensor([ids[-1:]]), cache=out.cache, use_cache=True)
+            else:
+                out = model(input_ids=torch.tensor([ids]))
+            ids.append(int(torch.argmax(out.logits[0, -1])))
     return prompt_logits, ids[len(prompt):]
