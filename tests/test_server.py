@@ -56,7 +56,7 @@ def server(models_json: Path, jax_cache: dict[str, str]) -> Server:
 
 def _cli_answer(argv: list[str], env: dict[str, str]) -> dict:
     """Text and token counts of ``mrs generate|chat ...`` (the Python pipeline, mrs.load)."""
-    result = subprocess.run([str(BIN / "mrs"), *argv], capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run([str(BIN / "mrs"), *argv], capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     speed = re.search(r"\[prompt: (\d+) tokens, [\d.na]+ tok/s; decode: (\d+) tokens, [\d.na]+ tok/s\]", result.stderr)
     assert speed, result.stderr[-2000:]
