@@ -179,3 +179,13 @@ def test_mrs_cli_errors_and_cfg() -> None:
     assert "max_tokens: 7" in result.stdout and "gemma-3-270m-q4_k_m.gguf" in result.stdout
     result = _run("-m", "mrs.cli", "frobnicate")
     assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr
+
+
+def test_load_failure_at_startup_exits_1_with_the_reason(tmp_path: Path) -> None:
+    from server_process import free_port
+
+    result = _run("-m", "serving.cli", "--port", str(free_port()), "gguf", "-m", str(tmp_path / "absent"),
+                  "-f", "model.gguf")
+    assert result.returncode == 1, result.stderr
+    assert "startup failed" in result.stderr and "absent" in result.stderr
+    assert "Traceback" not in result.stderr
