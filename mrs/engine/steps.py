@@ -33,12 +33,16 @@ class DecodeState(NamedTuple):
     sampling: SlotSampling
 
 
-def kv_buckets(max_seq_len: int, smallest: int = 128) -> list[int]:
-    """Static attention lengths: doublings from ``smallest`` up to ``max_seq_len``."""
+def kv_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
+    """Static attention lengths: ``smallest`` times powers of 4, then ``max_seq_len``.
+
+    Coarse on purpose: each one is a decode compile per batch bucket, and reading a
+    few hundred extra cache rows costs little next to the weights.
+    """
     buckets, size = [], smallest
     while size < max_seq_len:
         buckets.append(size)
-        size *= 2
+        size *= 4
     return buckets + [max_seq_len]
 
 
