@@ -51,6 +51,23 @@ def entry(path: Path, **source) -> ModelEntry:
     return ModelEntry(model_id="tiny", model=ModelSource(kind=GGUF, quantized_model_id=str(path), **source))
 
 
+# --- reading ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["untied", "tied_q8"])
+def test_reader_agrees_with_gguf_py(tiny, variant: str) -> None:
+    path = tiny[variant][1]
+    ours, reference = open_gguf(path), gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata.keys() == fields.keys()
+    for key, value in fields.items():
+        assert ours.metadata[key] == pytest.approx(value) if isinstance(value, float) else ours.metadata[key] == value
+    assert list(ours.tensors) == [t.name for t in reference.tensors]
+    for t in reference.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.ggml_type, mine.shape) == (t.tensor_type, tuple(int(d) for d in t.shape))
+        assert mine.data.dtype == t.data.dtype and np.array_equal(mine.data, t.data)
+
+
 # --- error cases -------------------------------------------------------------------------------
 
 def test_text_file_is_not_gguf(tmp_path: Path) -> None:
