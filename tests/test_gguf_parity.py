@@ -62,7 +62,7 @@ def check_parity(checkpoint: Checkpoint, hf_model, prompt: list[int], steps: int
     ours_logits, ours = mrs_generate(checkpoint.config, checkpoint.params, prompt, steps,
                                      bucket=BUCKET, cache_len=BUCKET + STEPS)
     ref_logits, ref = hf_greedy(hf_model, prompt, steps)
-    np.testing.assert_allclose(ours_logits, ref_logits, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(ours_logits, ref_logits, atol=1e-3, rtol=0)  # measured max: 1.7e-4
     stop = next((i + 1 for i, t in enumerate(ref) if t in checkpoint.eos_token_ids), len(ref))
     assert ours[:stop] == ref[:stop]
     return ours[:stop]
