@@ -36,11 +36,12 @@ def free_port() -> int:
 
 
 def jax_cache_env() -> dict[str, str]:
-    """The environment for server processes: a persistent JAX compilation cache next to the
-    demo models, so repeated starts (in one run and across runs) skip XLA compiles."""
+    """The environment for server processes: a persistent JAX compilation cache (conftest's,
+    else one next to the demo models), so repeated starts skip XLA compiles."""
     return {
         **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(models_dir().parent / "jax-test-cache"),
+        "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or str(models_dir().parent / "jax-test-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
     }
