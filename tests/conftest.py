@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-# JAX's persistent compilation cache (set before jax is imported): engines and the
-# server subprocesses in this suite compile the same steps many times over.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "mrs" / "jax"))
 
 import pytest
 

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.sampling import SampleOut, host_row
@@ -123,6 +124,7 @@ class Engine:
     def start(self, wait: bool = True) -> "Engine":
         """Start the engine thread; with ``wait``, return once every bucket is compiled."""
         if self._thread is None:
+            enable_persistent_cache()
             self._thread = threading.Thread(target=self._run, name="mrs-engine", daemon=True)
             self._thread.start()
         if wait:
