@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig
 from mrs.config.schema import ModelEntry, ModelSource
 from mrs.errors import ConfigError, LoadError
 from mrs.fetch import fetch_plain_copy
+from mrs.loading.load import load_checkpoint
 from mrs.loading.safetensors_reader import load_plain
 from mrs.models.config import FULL, SLIDING
 from mrs.models.gemma3 import config_from_hf as gemma3_config
@@ -95,7 +96,7 @@ def test_tokenizer_from_tok_model_id(llama, tmp_path):
 
 def test_in_situ_quantization(llama):
     model, path = llama
-    checkpoint = load_plain(entry(path, in_situ_quant="Q8_0"))
+    checkpoint = load_checkpoint(entry(path, in_situ_quant="Q8_0"))
     q_proj = checkpoint.params["model"]["layers_0"]["self_attn"]["q_proj"]["weight"]
     assert isinstance(q_proj, QArray)
     ids = checkpoint.tokenizer(PROMPTS[0])["input_ids"]
@@ -103,7 +104,7 @@ def test_in_situ_quantization(llama):
     ref, _ = hf_generate(model, ids, 1)
     assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.999
     with pytest.raises(ConfigError, match="in_situ_quant"):
-        load_plain(entry(path, in_situ_quant="Q3_NOPE"))
+        load_checkpoint(entry(path, in_situ_quant="Q3_NOPE"))
 
 
 def test_missing_config(tmp_path):
@@ -244,3 +245,15 @@ def test_saved_rope_buffers_are_ignored(llama, tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     attention = load_plain(entry(path)).params["model"]["layers_0"]["self_attn"]
     assert set(attention) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_placement_that_cannot_run_is_refused(llama):
+    _, path = llama
+    # One CPU device here: ["1"] keeps every layer on it and loads as usual.
+    assert load_checkpoint(entry(path, num_device_layers=["1"])).config.num_layers == 2
+    with pytest.raises(ConfigError, match="unknown device ordinal 1"):
+        load_checkpoint(entry(path, num_device_layers=["0:1;1:1"]))
+    with pytest.raises(ConfigError, match="places 3 layers but the model has 2"):
+        load_checkpoint(entry(path, num_device_layers=["3"]))
+    with pytest.raises(ConfigError, match="tensor_parallel=2 is not served yet"):
+        load_checkpoint(entry(path, tensor_parallel=2))

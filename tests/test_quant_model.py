@@ -79,3 +79,14 @@ def test_isq_quality_on_real_text(smollm2) -> None:
     assert q8.agreement(reference) >= 0.97
     assert abs(q8.perplexity / reference.perplexity - 1) < 0.02
     assert reference.perplexity < 40  # the model reads English: a broken forward would not
+
+
+def test_in_situ_quant_applies_to_gguf_entries(smollm2_gguf: Path) -> None:
+    entry = ModelEntry(
+        model_id="smollm2", in_situ_quant="Q8_0",
+        model=ModelSource(kind=GGUF, quantized_model_id=str(smollm2_gguf)),
+    )
+    checkpoint = load_checkpoint(entry)
+    q_proj = checkpoint.params["model"]["layers_0"]["self_attn"]["q_proj"]["weight"]
+    assert isinstance(q_proj, QArray) and (q_proj.fmt, q_proj.bits) == ("Q8_0", 8)
+    assert "in-situ quantized to Q8_0" in checkpoint.notes

@@ -24,7 +24,6 @@ from mrs.loading.plain_tokenizer import plain_tokenizer, read_json
 from mrs.loading.sources import resolve_model
 from mrs.models import registry
 from mrs.models.config import ModelConfig
-from mrs.quant import quantize_params, resolve_scheme
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -104,8 +103,6 @@ def load_plain(entry: ModelEntry) -> Checkpoint:
     model_id = entry.model.model_id
     if not model_id:
         raise LoadError(f"model {entry.model_id!r}: a Plain model needs model.model_id")
-    if entry.in_situ_quant:
-        resolve_scheme(entry.in_situ_quant)  # a bad scheme name fails before any weight is read
     model_dir = resolve_dir(model_id)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -121,8 +118,6 @@ def load_plain(entry: ModelEntry) -> Checkpoint:
     tok_dir = resolve_dir(entry.model.tok_model_id) if entry.model.tok_model_id else model_dir
     tok = plain_tokenizer(model_dir, tok_dir, hf)  # before the weights: the cheaper failure first
     params = load_params(config, safetensors_files(model_dir))
-    if entry.in_situ_quant:
-        params = quantize_params(params, entry.in_situ_quant)
     notes: list[str] = []
     template = tok.chat_template
     fallback = registry.get_arch(arch).fallback_chat_template
