@@ -110,7 +110,7 @@ def test_positions_past_n_positions_do_not_wrap(tiny):
 
 def test_in_situ_quantization(tiny):
     model, path = tiny
-    checkpoint = load_plain(entry(path, in_situ_quant="Q8_0"))
+    checkpoint = load_checkpoint(entry(path, in_situ_quant="Q8_0"))
     block = checkpoint.params["transformer"]["h_0"]
     assert isinstance(block["attn"]["c_attn"]["weight"], QArray)
     assert isinstance(block["mlp"]["c_fc"]["weight"], QArray)

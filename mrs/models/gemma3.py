@@ -33,7 +33,7 @@ from mrs.models.layers import (
     attend,
     layer_window,
     rope_inv_freq,
-    select_logits,
+    lm_logits,
     update_cache,
 )
 
@@ -117,15 +117,8 @@ class Gemma3ForCausalLM(nn.Module):
         logits_at: Array | None = None,
         kv_len: int | None = None,
     ):
-        c = self.config
-        hidden, embed, cache = Gemma3Model(c, name="model")(tokens, positions, cache, kv_len)
-        hidden = select_logits(hidden, logits_at)
-        logits = embed.attend(hidden) if c.tie_word_embeddings else Linear(name="lm_head")(hidden)
-        logits = logits.astype(jnp.float32)
-        if c.final_logit_softcapping is not None:
-            cap = c.final_logit_softcapping
-            logits = jnp.tanh(logits / cap) * cap
-        return logits, cache
+        hidden, embed, cache = Gemma3Model(self.config, name="model")(tokens, positions, cache, kv_len)
+        return lm_logits(hidden, embed, self.config, logits_at), cache
 
 
 # Tensor-name prefixes of the multimodal checkpoint's text tower, mapped to ours.

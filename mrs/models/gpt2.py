@@ -30,7 +30,7 @@ from mrs.models.layers import (
     Linear,
     attend,
     dense_weight,
-    select_logits,
+    lm_logits,
     update_cache,
     weight,
 )
@@ -120,11 +120,8 @@ class GPT2LMHeadModel(nn.Module):
         logits_at: Array | None = None,
         kv_len: int | None = None,
     ):
-        c = self.config
-        hidden, wte, cache = GPT2Model(c, name="transformer")(tokens, positions, cache, kv_len)
-        hidden = select_logits(hidden, logits_at)
-        logits = wte.attend(hidden) if c.tie_word_embeddings else Linear(name="lm_head")(hidden)
-        return logits.astype(jnp.float32), cache
+        hidden, wte, cache = GPT2Model(self.config, name="transformer")(tokens, positions, cache, kv_len)
+        return lm_logits(hidden, wte, self.config, logits_at), cache
 
 
 def hf_tensor(name: str, value: Any) -> tuple[str, Any] | None:

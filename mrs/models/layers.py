@@ -216,6 +216,21 @@ def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = N
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
 
 
+def lm_logits(hidden: Array, embed: Embedding, config: ModelConfig, logits_at: Array | None) -> Array:
+    """The LM head every family shares: float32 logits at ``logits_at`` (all steps when None).
+
+    Call it inside the causal-LM module's compact ``__call__``: an untied head is
+    that module's ``lm_head`` submodule.
+    """
+    hidden = select_logits(hidden, logits_at)
+    logits = embed.attend(hidden) if config.tie_word_embeddings else Linear(name="lm_head")(hidden)
+    logits = logits.astype(jnp.float32)
+    if config.final_logit_softcapping is not None:
+        cap = config.final_logit_softcapping
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
 def select_logits(hidden: Array, logits_at: Array | None) -> Array:
     """Keep the hidden state at ``logits_at [B]`` only (prefill needs just the last token)."""
     if logits_at is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from mrs.models.config import FULL, SLIDING, ModelConfig
 from mrs.models.layers import (
@@ -22,7 +21,7 @@ from mrs.models.layers import (
     attend,
     layer_window,
     rope_inv_freq,
-    select_logits,
+    lm_logits,
     update_cache,
 )
 
@@ -99,12 +98,7 @@ class LlamaForCausalLM(nn.Module):
         kv_len: int | None = None,
     ):
         hidden, embed, cache = LlamaModel(self.config, name="model")(tokens, positions, cache, kv_len)
-        hidden = select_logits(hidden, logits_at)
-        if self.config.tie_word_embeddings:
-            logits = embed.attend(hidden)
-        else:
-            logits = Linear(name="lm_head")(hidden)
-        return logits.astype(jnp.float32), cache
+        return lm_logits(hidden, embed, self.config, logits_at), cache
 
 
 def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
