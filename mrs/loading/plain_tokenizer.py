@@ -10,6 +10,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mrs.errors import LoadError
+from mrs.loading.chat_template import tokenizer_template
 
 
 @dataclass
@@ -44,14 +45,6 @@ def _ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
-def _template(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The tokenizer's own template (tokenizer_config.json or chat_template.jinja, as HF reads them)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: the default one serves chat
-        template = template.get("default")
-    return template or None
-
-
 def plain_tokenizer(model_dir: Path, tok_dir: Path, hf_config: dict) -> PlainTokenizer:
     """EOS ids come from generation_config.json (int or list), then config.json, then the tokenizer."""
     tokenizer = load_tokenizer(tok_dir)
@@ -64,4 +57,4 @@ def plain_tokenizer(model_dir: Path, tok_dir: Path, hf_config: dict) -> PlainTok
     # Whether the tokenizer itself prepends BOS to raw text (llama does, gpt2 does not).
     probe = tokenizer("a")["input_ids"]
     add_bos = bos is not None and bool(probe) and probe[0] == bos
-    return PlainTokenizer(tokenizer, eos, None if bos is None else int(bos), add_bos, _template(tokenizer))
+    return PlainTokenizer(tokenizer, eos, None if bos is None else int(bos), add_bos, tokenizer_template(tokenizer))
