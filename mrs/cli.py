@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage:{USAGE}\ncommands: {', '.join(COMMANDS)}")
         return 0 if args else 2
     command, overrides = args[0], args[1:]
+    if command != "fetch-models" and any(o in ("-h", "--help") for o in overrides):
+        print(f"usage:{USAGE}\nkeys: see conf/config.yaml, or add --cfg to print the composed config")
+        return 0
     if command not in COMMANDS:
         print(f"mrs: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

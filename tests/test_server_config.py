@@ -189,3 +189,10 @@ def test_load_failure_at_startup_exits_1_with_the_reason(tmp_path: Path) -> None
     assert result.returncode == 1, result.stderr
     assert "startup failed" in result.stderr and "absent" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mrs_command_help_prints_usage(capsys) -> None:
+    from mrs.cli import main
+
+    assert main(["serve", "--help"]) == 0
+    assert "mrs serve models=" in capsys.readouterr().out
