@@ -83,8 +83,10 @@ def llama_cpp_batch1(tokens: int, prompt: str) -> float | None:
         return None
     llm = Llama(model_path=str(models_dir() / GGUF_FILE), n_ctx=512, n_threads=2, verbose=False)
     llm(prompt, max_tokens=4)  # warm-up
+    # mrs decodes all `tokens` (ignore_eos); ban the end tokens so llama.cpp does too.
+    no_end = {llm.token_eos(): -1e9, 0: -1e9}
     first, count = None, 0
-    for _ in llm(prompt, max_tokens=tokens, temperature=0.0, stream=True, stop=[]):
+    for _ in llm(prompt, max_tokens=tokens, temperature=0.0, stream=True, stop=[], logit_bias=no_end):
         first = first or time.perf_counter()
         count += 1
     return (count - 1) / (time.perf_counter() - first)
