@@ -52,6 +52,18 @@ def test_gguf_tensor_dequantizes_like_gguf_py(name: str) -> None:
     np.testing.assert_array_equal(np.asarray(expanded), reference)
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_four_bit_storage_packs_row_pairs_or_falls_back_on_odd_rows(name: str) -> None:
+    for rows, bits in ((ROWS, 4), (ROWS - 1, 8)):
+        values = _weights()[:rows]
+        data, shape = _as_gguf(values, T[name])
+        kept = gguf_tensor_to_jax(data, T[name], shape, keep_quantized=True, dtype=jnp.float32)
+        assert kept.bits == bits
+        np.testing.assert_array_equal(_dense(kept), gguf.quants.dequantize(data, T[name]).reshape(rows, COLS))
+        ids = jnp.arange(rows)
+        np.testing.assert_array_equal(np.asarray(kept.take_rows(ids, jnp.float32)), _dense(kept))
+
+
 def _random_blocks(ggml_type: T, rows: int, cols: int, seed: int) -> np.ndarray:
     """Random bytes in ``ggml_type``'s block layout (every bit pattern) with sane f16 scales.
 

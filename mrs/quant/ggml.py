@@ -3,10 +3,11 @@
 Every repacking is lossless (dequantizing the QArray gives gguf-py's reference
 values bit for bit):
 - Q8_0 -> int8 blocks of 32, float16 scale (the same bits as ggml).
-- Q4_0 / Q4_1 -> ggml's own nibble layout, float16 scale (and float16 min for Q4_1).
+- Q4_0 / Q4_1 -> 4-bit row pairs (see ``QArray``), float16 scale (and float16 min
+  for Q4_1). A tensor with an odd number of rows keeps a byte per value instead.
 - Q5_0 / Q5_1 -> the 5-bit values in int8 blocks of 32 (8.5 / 9 bits per weight
   instead of ggml's 5.5 / 6: a byte per value is what makes dequantization one pass).
-- Q4_K -> 4-bit blocks of 32 with a float32 scale ``d * sc`` and min ``-dmin * m``
+- Q4_K -> 4-bit row pairs, blocks of 32 with a float32 scale ``d * sc`` and min ``-dmin * m``
   per block (6 bits per weight instead of 4.5: the two-level 6-bit scales are folded
   into one exact float32 per block).
 - Q6_K -> the 6-bit values in int8 blocks of 16, float32 scale ``d * sc`` (10 bits
@@ -18,22 +19,22 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from mrs.quant.qarray import QArray
+from mrs.quant.qarray import QArray, pack_row_pairs
 
 # GGUF types kept packed (everything else is expanded to a float array).
 REPACKABLE = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q6_K)
 
 
-def pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """``[..., block]`` values in 0..15 -> ``[..., block/2]`` bytes, ggml's Q4 layout."""
-    half = values.shape[-1] // 2
-    lo, hi = values[..., :half].astype(np.uint8), values[..., half:].astype(np.uint8)
-    return lo | (hi << np.uint8(4))
-
-
 def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """Inverse of ``pack_nibbles``: ``[..., n]`` bytes -> ``[..., 2n]`` values."""
+    """ggml's Q4 bytes ``[..., n]`` (value j low, value j + n high) -> values ``[..., 2n]``."""
     return np.concatenate([qs & np.uint8(0xF), qs >> np.uint8(4)], axis=-1)
+
+
+def _four_bit(values: np.ndarray, scale: np.ndarray, min_: np.ndarray | None, **meta: object) -> QArray:
+    """4-bit values ``[rows, nblocks, block]`` as row pairs, or a byte each when rows are odd."""
+    if values.shape[0] % 2:
+        return QArray(values.astype(np.uint8), scale, min_, bits=8, **meta)
+    return QArray(pack_row_pairs(values), scale, min_, bits=4, **meta)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -65,9 +66,9 @@ def repack(data: np.ndarray, ggml_type: T, shape: tuple[int, ...]) -> QArray:
     if ggml_type == T.Q8_0:
         return QArray(raw[..., 2:].view(np.int8), _f16(raw[..., :2]), None, shape=shape, fmt=name)
     if ggml_type == T.Q4_0:
-        return QArray(raw[..., 2:].copy(), _f16(raw[..., :2]), None, shape=shape, bits=4, zero=8, fmt=name)
+        return _four_bit(_nibbles(raw[..., 2:]), _f16(raw[..., :2]), None, shape=shape, zero=8, fmt=name)
     if ggml_type == T.Q4_1:
-        return QArray(raw[..., 4:].copy(), _f16(raw[..., :2]), _f16(raw[..., 2:4]), shape=shape, bits=4, fmt=name)
+        return _four_bit(_nibbles(raw[..., 4:]), _f16(raw[..., :2]), _f16(raw[..., 2:4]), shape=shape, fmt=name)
     if ggml_type in (T.Q5_0, T.Q5_1):
         head = 2 if ggml_type == T.Q5_0 else 4
         qh = np.ascontiguousarray(raw[..., head:head + 4]).view(np.uint32)  # [rows, nblocks, 1]
@@ -85,7 +86,7 @@ def repack(data: np.ndarray, ggml_type: T, shape: tuple[int, ...]) -> QArray:
         values = (qs & np.uint8(0xF)).reshape(rows, nblocks * 8, 32)
         scale = (d * sc).reshape(rows, nblocks * 8)
         min_ = (-dmin * mn).reshape(rows, nblocks * 8)
-        return QArray(pack_nibbles(values), scale, min_, shape=shape, bits=4, fmt=name)
+        return _four_bit(values, scale, min_, shape=shape, fmt=name)
     if ggml_type == T.Q6_K:
         ql, qh = raw[..., :128], raw[..., 128:192]
         sc = np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32)

@@ -6,13 +6,16 @@ into blocks of ``block`` consecutive values; value ``j`` of block ``b`` in row `
 dequantizes to ``(q - zero) * scale[r, b] (+ min[r, b])``.
 
 Two storages, chosen for speed of the dequantize-inside-the-jit matmul on XLA CPU
-(measured: int8 blocks dequantize and matmul faster than a float32 matmul reads its
-weight; nibble unpacking by a broadcast shift fuses into one pass):
-- ``bits=8``: ``data`` int8 ``[rows, nblocks, block]``, one value per byte
+(measured with jax 0.10: an int8 block matmul reads its weight at about the speed a
+float32 matmul reads its own, four times the bytes, so batch-1 decode gains ~3x):
+- ``bits=8``: ``data`` int8 (or uint8) ``[rows, nblocks, block]``, one value per byte
   (Q8_0, and the 5- and 6-bit formats, which fit a byte losslessly).
-- ``bits=4``: ``data`` uint8 ``[rows, nblocks, block // 2]`` in ggml's Q4 layout:
-  byte ``j`` holds value ``j`` in its low nibble and value ``j + block/2`` in its
-  high nibble.
+- ``bits=4``: ``data`` uint8 ``[rows / 2, nblocks, block]`` in *row pairs*: byte
+  ``[r, b, j]`` holds row ``r``'s value in its low nibble and row ``r + rows/2``'s in
+  its high nibble. Unpacking is then a mask, a shift and a concatenation along rows,
+  which XLA fuses into the matmul as well as a plain int8 read; ggml's in-block
+  nibble order (value ``j`` and ``j + 16`` in one byte) needs an interleaving
+  reshape that XLA does not fuse, and ran 2-3x slower.
 
 The model contract (``mrs.models.layers``) uses ``linear``, ``dequantize`` and
 ``take_rows``; the loader uses ``permute_rows``; memory accounting uses ``nbytes``.
@@ -33,7 +36,7 @@ Array = jax.Array
 
 @dataclass(frozen=True)
 class QArray:
-    data: Any  # int8 [rows, nblocks, block] or uint8 [rows, nblocks, block // 2]
+    data: Any  # int8/uint8 [rows, nblocks, block]; 4-bit: uint8 row pairs [rows // 2, nblocks, block]
     scale: Any  # [rows, nblocks], float16 or float32
     min: Any  # [rows, nblocks] or None (symmetric formats)
     shape: tuple[int, ...] = ()
@@ -44,9 +47,9 @@ class QArray:
 
     def __post_init__(self) -> None:
         rows = math.prod(self.shape[:-1])
-        nblocks = self.shape[-1] // self.block
-        per_byte = 2 if self.bits == 4 else 1
-        expected = (rows, nblocks, self.block // per_byte)
+        if self.bits == 4 and rows % 2:
+            raise ValueError(f"{self.fmt}: 4-bit row pairs need an even number of rows, got {rows}")
+        expected = (rows // 2 if self.bits == 4 else rows, self.shape[-1] // self.block, self.block)
         # Leaves may be tracers or placeholders inside jax transformations; check real arrays only.
         if hasattr(self.data, "shape") and tuple(self.data.shape) != expected:
             raise ValueError(f"{self.fmt} data shape {tuple(self.data.shape)} != {expected} for {self.shape}")
@@ -63,23 +66,24 @@ class QArray:
     def nbytes(self) -> int:
         return sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(self))
 
-    def _values(self, data: Array, dtype: Any) -> Array:
-        """Stored integers as ``dtype`` ``[..., nblocks, block]``, ``zero`` already removed."""
-        if self.bits == 4:
-            shifts = jnp.array([0, 4], jnp.uint8)[:, None]
-            data = (data[..., None, :] >> shifts) & 0xF  # [..., nblocks, 2, block/2]
-            data = data.reshape(*data.shape[:-2], self.block)
-        values = data.astype(dtype)
-        return values - self.zero if self.zero else values
-
-    def _expand(self, data: Array, scale: Array, min_: Array | None, dtype: Any) -> Array:
-        w = self._values(data, dtype) * scale.astype(dtype)[..., None]
+    def _float(self, values: Array, scale: Array, min_: Array | None, dtype: Any) -> Array:
+        """Stored integers ``[..., nblocks, block]`` to floats ``[..., in]``."""
+        w = values.astype(dtype)
+        if self.zero:
+            w = w - self.zero
+        w = w * scale.astype(dtype)[..., None]
         if min_ is not None:
             w = w + min_.astype(dtype)[..., None]
         return w.reshape(*w.shape[:-2], self.shape[-1])
 
+    def _all_values(self) -> Array:
+        """Every row's stored integers ``[rows, nblocks, block]`` (4-bit: both nibbles, in row order)."""
+        if self.bits == 4:
+            return jnp.concatenate([self.data & 0xF, self.data >> 4], axis=0)
+        return self.data
+
     def dequantize(self, dtype: Any = jnp.float32) -> Array:
-        return self._expand(self.data, self.scale, self.min, dtype).reshape(self.shape)
+        return self._float(self._all_values(), self.scale, self.min, dtype).reshape(self.shape)
 
     def linear(self, x: Array) -> Array:
         """``x @ w.T`` for a 2-D ``[out, in]`` weight; dequantizes inside the caller's jit.
@@ -95,20 +99,35 @@ class QArray:
     def take_rows(self, ids: Array, dtype: Any) -> Array:
         """Rows ``ids`` of a 2-D table (embedding lookup) without expanding the whole table."""
         ids = jnp.clip(ids, 0, self.shape[0] - 1)
+        if self.bits == 4:
+            half = self.shape[0] // 2
+            upper = ids >= half
+            pairs = self.data[jnp.where(upper, ids - half, ids)]
+            values = jnp.where(upper[..., None, None], pairs >> 4, pairs & 0xF)
+        else:
+            values = self.data[ids]
         min_ = None if self.min is None else self.min[ids]
-        return self._expand(self.data[ids], self.scale[ids], min_, dtype)
+        return self._float(values, self.scale[ids], min_, dtype)
 
     def permute_rows(self, perm: np.ndarray) -> "QArray":
         """Reorder rows (axis 0 of a 2-D weight), e.g. to undo llama.cpp's Q/K permutation."""
         perm = np.asarray(perm)
-        pick = lambda a: None if a is None else a[perm]  # noqa: E731
-        return QArray(pick(self.data), pick(self.scale), pick(self.min), **self.meta())
+        pick = lambda a: None if a is None else np.asarray(a)[perm]  # noqa: E731
+        data = pick(np.asarray(self._all_values()))
+        return QArray(pack_row_pairs(data) if self.bits == 4 else data, pick(self.scale), pick(self.min), **self.meta())
 
     def meta(self) -> dict[str, Any]:
         return dict(shape=self.shape, bits=self.bits, block=self.block, zero=self.zero, fmt=self.fmt)
 
     def __repr__(self) -> str:
         return f"QArray({self.fmt}, shape={self.shape}, {self.nbytes / 2**20:.2f} MiB)"
+
+
+def pack_row_pairs(values: np.ndarray) -> np.ndarray:
+    """4-bit values ``[rows, nblocks, block]`` (0..15) -> row-pair bytes ``[rows / 2, nblocks, block]``."""
+    half = values.shape[0] // 2
+    low, high = values[:half].astype(np.uint8), values[half:].astype(np.uint8)
+    return low | (high << np.uint8(4))
 
 
 # Arrays are children (traced, donated, sharded); the layout description is static.
