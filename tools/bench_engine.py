@@ -6,15 +6,23 @@ Each request generates ``--tokens`` new tokens (greedy, EOS ignored) from its ow
 prompt; all requests of a level are submitted at once. Prints one table: aggregate
 decode tok/s (all new tokens over the level's wall time), time to first token
 p50/p95, mean slot occupancy, and the speed-up over the single request. Where
-llama-cpp-python is importable, its batch-1 decode (Python API, same GGUF) is added.
+llama-cpp-python is importable, llama.cpp's figures on the same GGUF follow in the
+same table: batch-1 decode through its Python API, and aggregate throughput through
+its OpenAI-compatible server (``python -m llama_cpp.server``, 2 threads) at the same
+concurrency levels, with the same prompts and token counts (end tokens banned).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 
@@ -41,19 +49,31 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+async def timed(stream: AsyncIterator[int], begin: float) -> tuple[float, int]:
+    """Time to the first token and the token count of one stream of per-event token counts."""
+    first, count = None, 0
+    async for tokens in stream:
+        first = first or time.perf_counter()
+        count += tokens
+    return (first or time.perf_counter()) - begin, count
+
+
+def level_row(results: list[tuple[float, int]], wall: float) -> dict:
+    ttfts = [r[0] for r in results]
+    return {"agg": sum(r[1] for r in results) / wall, "ttft50": percentile(ttfts, 50),
+            "ttft95": percentile(ttfts, 95), "occupancy": float("nan")}
+
+
 async def run_level(engine: Engine, prompts: list[list[int]], tokens: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     occupancy: list[int] = []
     begin = time.perf_counter()
     streams = [engine.submit(GenerationRequest(ids, params)) for ids in prompts]
 
-    async def consume(stream) -> tuple[float, int]:
-        first, count = None, 0
+    async def token_counts(stream) -> AsyncIterator[int]:
         async for event in stream:
             if isinstance(event, TokenDelta):
-                first = first or time.perf_counter()
-                count += len(event.token_ids)
-        return first - begin, count
+                yield len(event.token_ids)
 
     async def sample_occupancy(done: asyncio.Event) -> None:
         while not done.is_set():
@@ -62,34 +82,92 @@ async def run_level(engine: Engine, prompts: list[list[int]], tokens: int) -> di
 
     done = asyncio.Event()
     sampler = asyncio.create_task(sample_occupancy(done))
-    results = await asyncio.gather(*(consume(s) for s in streams))
-    wall = time.perf_counter() - begin
+    results = await asyncio.gather(*(timed(token_counts(s), begin) for s in streams))
+    row = level_row(results, time.perf_counter() - begin)
     done.set()
     await sampler
-    ttfts = [r[0] for r in results]
-    return {
-        "agg": sum(r[1] for r in results) / wall,
-        "ttft50": percentile(ttfts, 50),
-        "ttft95": percentile(ttfts, 95),
-        "occupancy": statistics.mean(occupancy) / engine.max_batch if occupancy else float("nan"),
-        "wall": wall,
-    }
+    row["occupancy"] = statistics.mean(occupancy) / engine.max_batch if occupancy else float("nan")
+    return row
 
 
-def llama_cpp_batch1(tokens: int, prompt: str) -> float | None:
+def llama_cpp_available() -> bool:
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
-        return None
+        return False
+    return True
+
+
+def llama_cpp_batch1(tokens: int, prompt: str, end_ids: list[int]) -> float:
+    from llama_cpp import Llama
+
     llm = Llama(model_path=str(models_dir() / GGUF_FILE), n_ctx=512, n_threads=2, verbose=False)
     llm(prompt, max_tokens=4)  # warm-up
     # mrs decodes all `tokens` (ignore_eos); ban the end tokens so llama.cpp does too.
-    no_end = {llm.token_eos(): -1e9, 0: -1e9}
+    no_end = {i: -1e9 for i in end_ids}
     first, count = None, 0
     for _ in llm(prompt, max_tokens=tokens, temperature=0.0, stream=True, stop=[], logit_bias=no_end):
         first = first or time.perf_counter()
         count += 1
     return (count - 1) / (time.perf_counter() - first)
+
+
+@contextlib.contextmanager
+def llama_cpp_server(n_ctx: int) -> Iterator[str]:
+    """llama-cpp-python's OpenAI server on a free port, queueing (not interrupting) requests."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(models_dir() / GGUF_FILE),
+           "--n_ctx", str(n_ctx), "--n_threads", "2", "--host", "127.0.0.1", "--port", str(port),
+           "--interrupt_requests", "False", "--verbose", "False"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llama.cpp server did not start: {' '.join(cmd)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+async def llama_cpp_level(url: str, texts: list[str], tokens: int, end_ids: list[int]) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="none", timeout=3600, max_retries=0)
+
+    async def token_counts(text: str) -> AsyncIterator[int]:
+        stream = await client.completions.create(
+            model=GGUF_FILE, prompt=text, max_tokens=tokens, temperature=0.0, stream=True,
+            logit_bias={str(i): -100 for i in end_ids},
+        )
+        async for chunk in stream:  # llama-cpp-python streams one token per chunk
+            if chunk.choices and chunk.choices[0].text is not None:
+                yield 1
+
+    begin = time.perf_counter()
+    results = await asyncio.gather(*(timed(token_counts(t), begin) for t in texts))
+    row = level_row(results, time.perf_counter() - begin)
+    await client.close()
+    return row
+
+
+def llama_cpp_server_rows(texts: list[str], tokens: int, levels: list[int], end_ids: list[int]) -> dict[int, dict]:
+    with llama_cpp_server(n_ctx=512) as url:
+        asyncio.run(llama_cpp_level(url, texts[:1], 4, end_ids))  # warm-up
+        return {c: asyncio.run(llama_cpp_level(url, texts[:c], tokens, end_ids)) for c in levels}
+
+
+def print_row(engine: str, concurrent: int, r: dict, base: float) -> None:
+    occupancy = "" if np.isnan(r["occupancy"]) else f"{r['occupancy']:.0%}"
+    print(f"| {engine} | {concurrent} | {r['agg']:.1f} | {r['agg'] / base:.2f}x | {r['ttft50']:.2f} | "
+          f"{r['ttft95']:.2f} | {occupancy} |")
 
 
 def main() -> None:
@@ -115,18 +193,20 @@ def main() -> None:
           f"weights {'packed GGUF' if args.packed else 'float32'}")
     rows = {c: asyncio.run(run_level(engine, prompts[:c], args.tokens)) for c in args.concurrency}
     engine.shutdown()
+    end_ids = sorted(set(checkpoint.eos_token_ids) | {0})
     base = rows[min(rows)]["agg"]
-    print(f"\nSmolLM2-135M-Instruct, {args.tokens} new tokens per request")
+    print(f"\nSmolLM2-135M-Instruct, {args.tokens} new tokens per request; 'vs 1' is against mrs at 1 request")
     print("| engine | concurrent | aggregate tok/s | vs 1 | TTFT p50 s | TTFT p95 s | slot occupancy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for c, r in rows.items():
-        print(f"| mrs | {c} | {r['agg']:.1f} | {r['agg'] / base:.2f}x | {r['ttft50']:.2f} | "
-              f"{r['ttft95']:.2f} | {r['occupancy']:.0%} |")
-    llama = llama_cpp_batch1(args.tokens, texts[0])
-    if llama is not None:
-        print(f"| llama.cpp (Python API, 2 threads) | 1 | {llama:.1f} | | | | |")
-    else:
-        print("(llama-cpp-python not installed: no llama.cpp row)")
+        print_row("mrs (engine API)", c, r, base)
+    if not llama_cpp_available():
+        print("(llama-cpp-python not installed: no llama.cpp rows)")
+        return
+    batch1 = llama_cpp_batch1(args.tokens, texts[0], end_ids)
+    print(f"| llama.cpp (Python API, 2 threads) | 1 | {batch1:.1f} | {batch1 / base:.2f}x | | | |")
+    for c, r in llama_cpp_server_rows(texts, args.tokens, args.concurrency, end_ids).items():
+        print_row("llama.cpp (llama_cpp.server, 2 threads)", c, r, base)
 
 
 if __name__ == "__main__":
