@@ -112,9 +112,10 @@ class QArray:
     def permute_rows(self, perm: np.ndarray) -> "QArray":
         """Reorder rows (axis 0 of a 2-D weight), e.g. to undo llama.cpp's Q/K permutation."""
         perm = np.asarray(perm)
-        pick = lambda a: None if a is None else np.asarray(a)[perm]  # noqa: E731
-        data = pick(np.asarray(self._all_values()))
-        return QArray(pack_row_pairs(data) if self.bits == 4 else data, pick(self.scale), pick(self.min), **self.meta())
+        pick = lambda a: None if a is None else jnp.asarray(np.asarray(a)[perm])  # noqa: E731
+        values = np.asarray(self._all_values())[perm]  # 4-bit pairs re-form after the shuffle
+        data = jnp.asarray(pack_row_pairs(values) if self.bits == 4 else values)
+        return QArray(data, pick(self.scale), pick(self.min), **self.meta())
 
     def meta(self) -> dict[str, Any]:
         return dict(shape=self.shape, bits=self.bits, block=self.block, zero=self.zero, fmt=self.fmt)
