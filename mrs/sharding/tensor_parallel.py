@@ -4,9 +4,10 @@ Column-parallel projections (q/k/v, gate/up, GPT-2's c_attn/c_fc) split their
 output rows; row-parallel ones (o_proj, down_proj, c_proj) split their input
 columns, so each device holds 1/N of every layer and XLA's SPMD partitioner
 inserts the one all-reduce per block. Embeddings, norms and the head are
-replicated. The KV cache splits its kv-heads axis. A dimension that does not
-divide by N stays replicated (correct, just not split); the model code is
-unchanged: the jitted step sees sharded inputs and GSPMD partitions it.
+replicated. The KV cache splits its kv-heads axis. N must divide the attention
+and kv heads (``check_heads``), so no head spans two devices; another dimension
+that does not divide by N stays replicated (correct, just not split). The model
+code is unchanged: the jitted step sees sharded inputs and GSPMD partitions it.
 
 Pick this over ``num_device_layers`` when the devices are alike and linked
 (several GPUs in one host): every device works on every token. ``num_device_layers``
