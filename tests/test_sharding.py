@@ -76,8 +76,10 @@ def test_placement_errors(spec, tp, message: str) -> None:
 
 def test_tensor_parallel_splits_whole_heads() -> None:
     check_heads(2, 4, 2)
-    with pytest.raises(ConfigError, match=r"tensor_parallel 4 must divide the attention heads \(4\) and the kv heads \(2\)"):
+    message = r"tensor_parallel 4 must divide the attention heads \(4\) and the kv heads \(2\)"
+    with pytest.raises(ConfigError, match=message) as err:
         check_heads(4, 4, 2)
+    assert err.value.param == "tensor_parallel"
 
 
 def test_one_device_placement_is_the_default() -> None:

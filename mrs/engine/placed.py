@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -87,12 +88,12 @@ class StagedSteps:
     """``Steps``' interface over the stages of a ``DeviceMap``; ``params`` is one tree per stage."""
 
     def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int, dmap: DeviceMap) -> None:
-        *lead, (self._device, last) = dmap.stages()
         self.config = config
+        self._stages = dmap.stages()
+        *lead, (self._device, last) = self._stages
         self._last = Steps(config, max_batch, max_seq_len, stage=(last.start, last.stop))
         self.traces = self._last.traces
         self._leads = [_LeadStage(config, device, layers, self.traces) for device, layers in lead]
-        self._stages = dmap.stages()
         self._inputs = jax.jit(decode_inputs, static_argnames=("rows",))
 
     def place_params(self, params: dict) -> list[dict]:
@@ -104,14 +105,13 @@ class StagedSteps:
         ]
 
     def init_state(self) -> DecodeState:
-        c, last = self.config, self._last
-        lead = tuple(
-            layer
-            for stage in self._leads
-            for layer in _on(stage.device, lambda: init_cache(
-                c, last.max_batch, last.max_seq_len, stage=(stage.layers.start, stage.layers.stop)))
-        )
-        state = _on(self._device, last.init_state)
+        """Each stage's cache created on its device; the rest of the state on the last."""
+        b, s = self._last.max_batch, self._last.max_seq_len
+        lead: KVCache = ()
+        for stage in self._leads:
+            layers = (stage.layers.start, stage.layers.stop)
+            lead += _on(stage.device, partial(init_cache, self.config, b, s, stage=layers))
+        state = _on(self._device, self._last.init_state)
         return state._replace(cache=lead + state.cache)
 
     def insert(self, state: DecodeState, slot: Array, row: SlotSampling) -> DecodeState:
@@ -121,24 +121,25 @@ class StagedSteps:
     def prefill(self, params: list[dict], state: DecodeState, slot: Array, tokens: Array, start: Array,
                 n_real: Array, final: Array, *, kv_len: int) -> tuple[DecodeState, SampleOut]:
         caches = self._split(state.cache)
-        hidden = self._run_leads(params, caches, tokens[None], lambda stage, p, cache, x: stage.prefill(
+        inputs = self._run_leads(params, caches, tokens[None], lambda stage, p, cache, x: stage.prefill(
             p, cache, slot, x, start, n_real, kv_len=kv_len))
         state, out = self._last.prefill(params[-1], state._replace(cache=caches[-1]), slot, tokens, start, n_real,
-                                        final, hidden, kv_len=kv_len)
+                                        final, inputs, kv_len=kv_len)
         return self._joined(state, caches), out
 
     def decode(self, params: list[dict], state: DecodeState, active: Array, *, kv_len: int,
                rows: int) -> tuple[DecodeState, SampleOut]:
         caches = self._split(state.cache)
         tokens, positions = self._inputs(state.tokens, state.positions, active, rows=rows)
-        hidden = self._run_leads(params, caches, tokens, lambda stage, p, cache, x: stage.decode(
+        inputs = self._run_leads(params, caches, tokens, lambda stage, p, cache, x: stage.decode(
             p, cache, x, jax.device_put(positions, stage.device), kv_len=kv_len))
-        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), active, hidden,
+        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), active, inputs,
                                        kv_len=kv_len, rows=rows)
         return self._joined(state, caches), out
 
     def _run_leads(self, params: list[dict], caches: list[KVCache], x: Any, run: Callable) -> Array:
-        """Run the lead stages in order (updating ``caches`` in place); the hidden states on the last device."""
+        """Run the lead stages in order (updating ``caches`` in place); the last stage's
+        inputs on its device: hidden states, or ``x`` itself when there is one stage."""
         for k, stage in enumerate(self._leads):
             x, caches[k] = run(stage, params[k], caches[k], jax.device_put(x, stage.device))
         return jax.device_put(x, self._device)

@@ -90,8 +90,9 @@ class Steps:
     """Owns the model and the compiled step functions for one engine.
 
     With a ``stage`` it runs only the model's last layers (``mrs.engine.placed``
-    runs the earlier ones): the steps take those layers' cache and the previous
-    stage's ``hidden`` states instead of embedding the tokens.
+    runs the earlier ones): the steps take those layers' cache, and prefill and
+    decode take the model's ``inputs`` (the previous stage's hidden states) instead
+    of the tokens.
     """
 
     def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int, stage: Stage = None) -> None:
@@ -141,7 +142,7 @@ class Steps:
         start: Array,
         n_real: Array,
         final: Array,
-        hidden: Array | None = None,
+        inputs: Array | None = None,
         *,
         kv_len: int,
     ) -> tuple[DecodeState, SampleOut]:
@@ -153,7 +154,7 @@ class Steps:
         positions, real = chunk_positions(tokens.shape[0], start, n_real)
         cache = slot_row(state.cache, slot)
         logits, cache = self.model.apply(
-            {"params": params}, tokens[None] if hidden is None else hidden, positions, cache,
+            {"params": params}, tokens[None] if inputs is None else inputs, positions, cache,
             logits_at=(n_real - 1)[None], kv_len=kv_len,
         )
         vocab = self.config.vocab_size
@@ -172,17 +173,17 @@ class Steps:
         return state, out
 
     def _decode(
-        self, params: Any, state: DecodeState, active: Array, hidden: Array | None = None, *, kv_len: int, rows: int
+        self, params: Any, state: DecodeState, active: Array, inputs: Array | None = None, *, kv_len: int, rows: int
     ) -> tuple[DecodeState, SampleOut]:
         """One token for every ``active`` slot among the first ``rows`` (static: a batch
         bucket, so a lightly loaded engine does not pay for all its slots); idle slots
         read and write nothing."""
         self.traces[f"decode/{rows}/{kv_len}"] += 1
         head = lambda x: x[:rows]  # noqa: E731
-        inputs, positions = decode_inputs(state.tokens, state.positions, active, rows)
+        last_tokens, positions = decode_inputs(state.tokens, state.positions, active, rows)
         active = head(active)
         logits, cache = self.model.apply(
-            {"params": params}, inputs if hidden is None else hidden, positions, state.cache,
+            {"params": params}, last_tokens if inputs is None else inputs, positions, state.cache,
             logits_at=jnp.zeros((rows,), jnp.int32), kv_len=kv_len,
         )
         sampling = jax.tree.map(head, state.sampling)
