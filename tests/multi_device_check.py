@@ -1,91 +1,163 @@
 """Run in a subprocess with 4 host devices (XLA_FLAGS must be set before jax starts).
 
-Checks tensor-parallel sharding and num_device_layers placement on a tiny random
-Llama; prints "OK <what>" per check, raises on any mismatch.
+Serves tiny random models through the real Engine laid out by ``num_device_layers``
+and ``tensor_parallel``, asserts that each layer's parameters and KV cache sit on
+the devices asked for, and that greedy tokens and logprobs equal the single-device
+run. Prints "OK <what>" per check; raises on any mismatch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mrs.models.layers import init_cache
-from mrs.models.llama import LlamaForCausalLM, config_from_hf
-from mrs.models.params import nest
-from mrs.quant import QArray, quantize_params
-from mrs.sharding.device_map import device_map, layer_key, place_cache, place_params
-from mrs.sharding.tensor_parallel import make_mesh, shard_cache, shard_params
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_checkpoints import hf_model, save_checkpoint  # noqa: E402
+from tiny_llama import BOS, tiny_llama  # noqa: E402
 
-HF = dict(model_type="llama", vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+from mrs.config.schema import EngineConfig, ModelEntry, ModelSource  # noqa: E402
+from mrs.engine.engine import Engine  # noqa: E402
+from mrs.engine.types import GenerationRequest, SamplingParams, TokenDelta  # noqa: E402
+from mrs.loading.checkpoint import Checkpoint  # noqa: E402
+from mrs.loading.load import load_checkpoint  # noqa: E402
+from mrs.quant import QArray  # noqa: E402
+from mrs.sharding.device_map import device_map  # noqa: E402
+from mrs.sharding.placement import Placement, resolve_placement  # noqa: E402
 
-
-def random_params(config, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    h, kv, i = config.hidden_size, config.num_kv_heads * config.head_dim, config.intermediate_size
-
-    def mat(o: int, n: int) -> np.ndarray:
-        return (rng.standard_normal((o, n)) * 0.1).astype(np.float32)
-
-    named = [("model.embed_tokens.weight", mat(config.vocab_size, h)), ("model.norm.weight", np.ones(h, np.float32)),
-             ("lm_head.weight", mat(config.vocab_size, h))]
-    for layer in range(config.num_layers):
-        prefix = f"model.layers.{layer}."
-        named += [(prefix + "input_layernorm.weight", np.ones(h, np.float32)),
-                  (prefix + "post_attention_layernorm.weight", np.ones(h, np.float32)),
-                  (prefix + "self_attn.q_proj.weight", mat(h, h)), (prefix + "self_attn.k_proj.weight", mat(kv, h)),
-                  (prefix + "self_attn.v_proj.weight", mat(kv, h)), (prefix + "self_attn.o_proj.weight", mat(h, h)),
-                  (prefix + "mlp.gate_proj.weight", mat(i, h)), (prefix + "mlp.up_proj.weight", mat(i, h)),
-                  (prefix + "mlp.down_proj.weight", mat(h, i))]
-    return nest((name, jnp.asarray(value)) for name, value in named)
+# Two slots, one prefill bucket, no warm-up: few compiles (they dominate the run time).
+# The prompts run together: one prefills into slot 1, then both decode in one batch.
+CONFIG = EngineConfig(max_batch=2, max_seq_len=32, prefill_buckets=[16], warmup=False)
+PROMPTS = [[BOS, *range(40, 50)], [BOS, *range(100, 114)]]
+STEPS = 8
 
 
-def main() -> None:
-    assert len(jax.devices()) == 4, jax.devices()
-    config = config_from_hf(HF)
-    model = LlamaForCausalLM(config)
-    tokens = jnp.asarray([[3, 17, 99, 5, 42, 7], [1, 2, 3, 4, 5, 6]], jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6))
-    run = jax.jit(lambda p, c: model.apply({"params": p}, tokens, positions, c))
+def generate(checkpoint: Checkpoint) -> tuple[Engine, list[tuple[list[int], np.ndarray]]]:
+    """Greedy tokens and per-step [logprob, top-5 logprobs] of both prompts, run together."""
+    engine = Engine(checkpoint, CONFIG).start()
+    sampling = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=5)
+    streams = [engine.submit(GenerationRequest(ids, sampling)) for ids in PROMPTS]
+    results = []
+    for stream in streams:
+        deltas = [e for e in stream if isinstance(e, TokenDelta)]
+        tokens = [t for d in deltas for t in d.token_ids]
+        logprobs = np.array([[lp.logprob, *(a[2] for a in lp.top)] for d in deltas for lp in d.logprobs])
+        results.append((tokens, logprobs))
+    engine.shutdown()
+    return engine, results
 
-    for label, params in (("float32", random_params(config)), ("Q8_0", None)):
-        if params is None:
-            params = quantize_params(random_params(config), "Q8_0")
-        want, _ = run(params, init_cache(config, 2, 8))
-        for n in (2, 4):
-            mesh = make_mesh(n)
-            sharded = shard_params(params, mesh)
-            q = sharded["model"]["layers_1"]["self_attn"]["q_proj"]["weight"]
-            o = sharded["model"]["layers_1"]["self_attn"]["o_proj"]["weight"]
-            q_arr, o_arr = (q.data, o.data) if isinstance(q, QArray) else (q, o)
-            assert q_arr.sharding.spec[0] == "tp" and len(q_arr.sharding.device_set) == n, q_arr.sharding
-            assert o_arr.sharding.spec[1] == "tp", o_arr.sharding
-            # each device holds 1/n of the column-parallel weight
-            assert {s.data.shape[0] for s in q_arr.addressable_shards} == {q_arr.shape[0] // n}
-            cache = shard_cache(init_cache(config, 2, 8), mesh)
-            got, new_cache = run(sharded, cache)
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-            assert np.array_equal(np.argmax(got, -1), np.argmax(want, -1))
-            assert len(new_cache[0][0].sharding.device_set) == n
-            print(f"OK tensor_parallel={n} {label}", flush=True)
 
-    params = random_params(config)
+def assert_same(got: list, want: list, what: str) -> None:
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
+        assert len(tokens) == STEPS and tokens == want_tokens, (what, tokens, want_tokens)
+        np.testing.assert_allclose(logprobs, want_logprobs, rtol=0, atol=2e-5, err_msg=what)
+
+
+def layer_trees(params: dict) -> dict[int, dict]:
+    """Decoder layer index -> its parameter subtree."""
+    return {int(name.split("_")[1]): sub for name, sub in params["model"].items() if name.startswith("layers_")}
+
+
+def check_stages(engine: Engine, layers: tuple, tied: bool) -> None:
+    """One parameter tree per stage, each layer's parameters and (k, v) on the layer's device,
+    the embedding on the first stage, the final norm and head (or the tied embedding) on the last."""
+    stages = engine._params
+    seen = {}
+    for tree in stages:
+        devices = {d for leaf in jax.tree.leaves(tree) for d in leaf.devices()}
+        assert len(devices) == 1, devices
+        for i, sub in layer_trees(tree).items():
+            assert devices == {layers[i]}, (i, devices, layers[i])
+            seen[i] = sub
+    assert sorted(seen) == list(range(len(layers))), sorted(seen)
+    assert stages[0]["model"]["embed_tokens"]["weight"].devices() == {layers[0]}
+    assert stages[-1]["model"]["norm"]["weight"].devices() == {layers[-1]}
+    head = stages[-1]["model"]["embed_tokens"] if tied else stages[-1]["lm_head"]
+    assert head["weight"].devices() == {layers[-1]}
+    for i, (k, v) in enumerate(engine._state.cache):
+        assert k.devices() == v.devices() == {layers[i]}, (i, k.devices(), layers[i])
+    steps = engine._steps
+    for step in ("prefill", "decode"):
+        assert_compiled_once(getattr(steps._last, step), steps.traces, step)
+        for stage in steps._leads:
+            assert_compiled_once(getattr(stage, step), steps.traces, f"stage{stage.layers.start}/{step}")
+
+
+def check_mesh(engine: Engine, n: int) -> None:
+    """Column- and row-parallel weights split over the mesh, the cache over kv heads."""
+    attention = engine._params["model"]["layers_1"]["self_attn"]
+    q, o = attention["q_proj"]["weight"], attention["o_proj"]["weight"]
+    q, o = (q.data, o.data) if isinstance(q, QArray) else (q, o)
+    assert q.sharding.spec[0] == "tp" and len(q.sharding.device_set) == n, q.sharding
+    assert {s.data.shape[0] for s in q.addressable_shards} == {q.shape[0] // n}
+    assert o.sharding.spec[1] == "tp", o.sharding
+    for k, v in engine._state.cache:  # [B, Hkv, S, D]
+        assert k.sharding.spec[1] == v.sharding.spec[1] == "tp", k.sharding
+        assert {s.data.shape[1] for s in k.addressable_shards} == {k.shape[1] // n}
+    for step in ("prefill", "decode"):
+        assert_compiled_once(getattr(engine._steps, step), engine._steps.traces, step)
+
+
+def assert_compiled_once(jitted, traces: dict, prefix: str) -> None:
+    """One compile per traced shape: the state keeps its devices and shardings from step to
+    step (an equal but differently spelt sharding compiles again without tracing again)."""
+    shapes = sum(1 for key in traces if key.startswith(prefix))
+    assert jitted._cache_size() == shapes, (prefix, jitted._cache_size(), dict(traces))
+
+
+def llama_checks() -> None:
     devices = jax.devices()
-    for spec, expected in ((["0:1;1:2;3:1"], [0, 1, 1, 3]), (["2"], [0, 0, "host", "host"]), (None, [0, 0, 0, 0])):
-        dmap = device_map(spec, config.num_layers)
-        want_devices = [jax.devices("cpu")[0] if e == "host" else devices[e] for e in expected]
-        assert list(dmap.layers) == want_devices, (spec, dmap.layers)
-        placed = place_params(params, dmap)
-        for layer, device in enumerate(want_devices):
-            root, name = layer_key(placed, layer)
-            for leaf in jax.tree_util.tree_leaves(placed[root][name]):
-                assert leaf.devices() == {device}, (spec, layer, leaf.devices())
-        assert placed["model"]["embed_tokens"]["weight"].devices() == {want_devices[0]}
-        for (k, v), device in zip(place_cache(init_cache(config, 1, 8), dmap), want_devices):
-            assert k.devices() == v.devices() == {device}
-        print(f"OK num_device_layers={spec}", flush=True)
+    checkpoint, _ = tiny_llama(layers=3)
+    _, want = generate(checkpoint)
+
+    spec = ["1:1;2:1"]  # layer 0 on device 1, layer 1 on device 2, the rest (2) on the host
+    placement = resolve_placement(spec, None, num_layers=3, num_heads=4, num_kv_heads=2)
+    layers = placement.layers.layers
+    assert layers == (devices[1], devices[2], jax.devices("cpu")[0]), layers
+    engine, got = generate(dataclasses.replace(checkpoint, placement=placement))
+    assert_same(got, want, f"num_device_layers={spec}")
+    check_stages(engine, layers, tied=False)
+    print(f"OK num_device_layers={spec}", flush=True)
+
+    # ["N"]: the first N layers on the first accelerator (device 3 here), the rest on the
+    # host. On this CPU-only host the first accelerator is the host, so pass them in.
+    dmap = device_map(["1"], 3, devices=devices[3:], host=devices[0])
+    engine, got = generate(dataclasses.replace(checkpoint, placement=Placement(layers=dmap)))
+    assert_same(got, want, "num_device_layers=['1']")
+    check_stages(engine, (devices[3], devices[0], devices[0]), tied=False)
+    print("OK num_device_layers=['1']", flush=True)
+
+
+def gemma3_checks() -> None:
+    """Through load_checkpoint (as mrs.load and the server do): Q8_0 weights, a tied head
+    (its embedding table also on the last stage), tensor parallel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(hf_model("gemma3"), Path(tmp))
+
+        def load(**fields) -> Checkpoint:
+            source = ModelSource(model_id=str(path))
+            return load_checkpoint(ModelEntry(model_id="g", model=source, in_situ_quant="Q8_0", **fields))
+
+        _, want = generate(load())
+        spec = ["1:2"]
+        checkpoint = load(num_device_layers=spec)
+        engine, got = generate(checkpoint)
+        assert_same(got, want, f"gemma3 num_device_layers={spec}")
+        host, device = jax.devices("cpu")[0], jax.devices()[1]
+        check_stages(engine, (device, device, host, host), tied=True)
+        print(f"OK num_device_layers={spec} gemma3 Q8_0", flush=True)
+
+        engine, got = generate(load(tensor_parallel=2))
+        assert_same(got, want, "gemma3 tensor_parallel=2")
+        check_mesh(engine, 2)
+        print("OK tensor_parallel=2 gemma3 Q8_0", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    assert len(jax.devices()) == 4, jax.devices()
+    llama_checks()
+    gemma3_checks()

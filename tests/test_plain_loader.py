@@ -25,6 +25,7 @@ from mrs.models.gemma3 import hf_name
 from mrs.models.llama import config_from_hf as llama_config
 from mrs.models.registry import detect_arch
 from mrs.quant import QArray
+from mrs.sharding.placement import Placement
 
 
 def entry(path: Path, **fields) -> ModelEntry:
@@ -247,13 +248,13 @@ def test_saved_rope_buffers_are_ignored(llama, tmp_path):
     assert set(attention) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
-def test_placement_that_cannot_run_is_refused(llama):
+def test_placement_is_resolved_or_refused(llama):
     _, path = llama
-    # One CPU device here: ["1"] keeps every layer on it and loads as usual.
-    assert load_checkpoint(entry(path, num_device_layers=["1"])).config.num_layers == 2
-    with pytest.raises(ConfigError, match="unknown device ordinal 1"):
+    # One CPU device here: ["1"] keeps every layer on it (the default placement).
+    assert load_checkpoint(entry(path, num_device_layers=["1"])).placement == Placement()
+    with pytest.raises(ConfigError, match="model 'm': num_device_layers: unknown device ordinal 1"):
         load_checkpoint(entry(path, num_device_layers=["0:1;1:1"]))
     with pytest.raises(ConfigError, match="places 3 layers but the model has 2"):
         load_checkpoint(entry(path, num_device_layers=["3"]))
-    with pytest.raises(ConfigError, match="tensor_parallel=2 is not served yet"):
+    with pytest.raises(ConfigError, match="model 'm': tensor_parallel 2 needs 2 devices"):
         load_checkpoint(entry(path, tensor_parallel=2))

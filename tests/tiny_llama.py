@@ -28,10 +28,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_llama(seed: int = 0, max_positions: int = 512) -> tuple[Checkpoint, LlamaForCausalLM]:
+def tiny_llama(seed: int = 0, max_positions: int = 512, layers: int = 2) -> tuple[Checkpoint, LlamaForCausalLM]:
     """A random Llama with peaked logits (large init) so greedy ties are unlikely."""
     hf_config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         initializer_range=0.15, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False,
     )

@@ -25,7 +25,8 @@ from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.sampling import SampleOut, host_row
-from mrs.engine.steps import Steps, batch_buckets, bucket_for, kv_buckets
+from mrs.engine.placed import build_steps
+from mrs.engine.steps import batch_buckets, bucket_for, kv_buckets
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.engine.validate import validate_request
@@ -84,8 +85,8 @@ class Engine:
         ]
         self._kv_buckets = kv_buckets(self.context_limit)
         self._batch_buckets = batch_buckets(self.max_batch)
-        self._steps = Steps(model_config, self.max_batch, self.context_limit)
-        self._params = jax.device_put(checkpoint.params)
+        self._steps = build_steps(model_config, self.max_batch, self.context_limit, checkpoint.placement)
+        self._params = self._steps.place_params(checkpoint.params)
         self._state: Any = None
         self._slots: list[_Seq | None] = [None] * self.max_batch
         self._lock = threading.Lock()

@@ -17,7 +17,7 @@ import numpy as np
 
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample
 from mrs.models.config import ModelConfig
-from mrs.models.layers import PAD_POSITION, KVCache, init_cache
+from mrs.models.layers import PAD_POSITION, KVCache, Stage, init_cache
 from mrs.models.registry import build_model
 
 Array = jax.Array
@@ -62,11 +62,23 @@ def bucket_for(length: int, buckets: list[int]) -> int:
     return buckets[-1]
 
 
-def _slot_row(tree: Any, slot: Array) -> Any:
+def chunk_positions(length: int, start: Array, n_real: Array) -> tuple[Array, Array]:
+    """A prompt chunk's positions ``[1, length]`` (padding at PAD_POSITION) and its real-token mask."""
+    offsets = jnp.arange(length)
+    real = offsets < n_real
+    return jnp.where(real, start + offsets, PAD_POSITION)[None], real
+
+
+def decode_inputs(tokens: Array, positions: Array, active: Array, rows: int) -> tuple[Array, Array]:
+    """The first ``rows`` slots' next inputs ``[rows, 1]`` and positions (idle slots at PAD_POSITION)."""
+    return tokens[:rows, None], jnp.where(active[:rows], positions[:rows], PAD_POSITION)[:, None]
+
+
+def slot_row(tree: Any, slot: Array) -> Any:
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0), tree)
 
 
-def _set_row(tree: Any, slot: Array, row: Any) -> Any:
+def set_row(tree: Any, slot: Array, row: Any) -> Any:
     return jax.tree.map(
         lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, jnp.asarray(r, x.dtype).reshape((1,) + x.shape[1:]), slot, axis=0),
         tree,
@@ -75,13 +87,20 @@ def _set_row(tree: Any, slot: Array, row: Any) -> Any:
 
 
 class Steps:
-    """Owns the model and the compiled step functions for one engine."""
+    """Owns the model and the compiled step functions for one engine.
 
-    def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int) -> None:
+    With a ``stage`` it runs only the model's last layers (``mrs.engine.placed``
+    runs the earlier ones): the steps take those layers' cache, and prefill and
+    decode take the model's ``inputs`` (the previous stage's hidden states) instead
+    of the tokens.
+    """
+
+    def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int, stage: Stage = None) -> None:
         self.config = config
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        self.model = build_model(config)
+        self.stage = stage
+        self.model = build_model(config, stage)
         # Incremented while tracing: a compile counter for tests and stats.
         self.traces: Counter[str] = Counter()
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
@@ -91,7 +110,7 @@ class Steps:
     def init_state(self) -> DecodeState:
         b, v = self.max_batch, self.config.vocab_size
         return DecodeState(
-            cache=init_cache(self.config, b, self.max_seq_len),
+            cache=init_cache(self.config, b, self.max_seq_len, stage=self.stage),
             tokens=jnp.zeros((b,), jnp.int32),
             positions=jnp.full((b,), PAD_POSITION, jnp.int32),
             step=jnp.zeros((b,), jnp.int32),
@@ -100,14 +119,18 @@ class Steps:
             sampling=empty_rows(b, v),
         )
 
+    def place_params(self, params: Any) -> Any:
+        """The parameters as the steps take them: here, on the default device, uncommitted."""
+        return jax.device_put(params)
+
     def _insert(self, state: DecodeState, slot: Array, row: SlotSampling) -> DecodeState:
         """Give ``slot`` a new request's sampling parameters and clear its history."""
         self.traces["insert"] += 1
         return state._replace(
             step=state.step.at[slot].set(0),
-            counts=_set_row(state.counts, slot, jnp.zeros((self.config.vocab_size,), jnp.int32)),
-            seen=_set_row(state.seen, slot, jnp.zeros((self.config.vocab_size,), bool)),
-            sampling=_set_row(state.sampling, slot, row),
+            counts=set_row(state.counts, slot, jnp.zeros((self.config.vocab_size,), jnp.int32)),
+            seen=set_row(state.seen, slot, jnp.zeros((self.config.vocab_size,), bool)),
+            sampling=set_row(state.sampling, slot, row),
         )
 
     def _prefill(
@@ -119,6 +142,7 @@ class Steps:
         start: Array,
         n_real: Array,
         final: Array,
+        inputs: Array | None = None,
         *,
         kv_len: int,
     ) -> tuple[DecodeState, SampleOut]:
@@ -127,22 +151,19 @@ class Steps:
         On the final chunk, samples the first output token and arms the slot for decode.
         """
         self.traces[f"prefill/{tokens.shape[0]}/{kv_len}"] += 1
-        length = tokens.shape[0]
-        offsets = jnp.arange(length)
-        real = offsets < n_real
-        positions = jnp.where(real, start + offsets, PAD_POSITION)[None]
-        cache = _slot_row(state.cache, slot)
+        positions, real = chunk_positions(tokens.shape[0], start, n_real)
+        cache = slot_row(state.cache, slot)
         logits, cache = self.model.apply(
-            {"params": params}, tokens[None], positions, cache,
+            {"params": params}, tokens[None] if inputs is None else inputs, positions, cache,
             logits_at=(n_real - 1)[None], kv_len=kv_len,
         )
         vocab = self.config.vocab_size
         seen = state.seen.at[slot, jnp.where(real, tokens, vocab)].set(True, mode="drop")
-        row = lambda x: _slot_row(x, slot)  # noqa: E731
+        row = lambda x: slot_row(x, slot)  # noqa: E731
         out = sample(logits, row(state.sampling), row(state.counts), row(seen), row(state.step))
         token = out.tokens[0]
         state = state._replace(
-            cache=_set_row(state.cache, slot, cache),
+            cache=set_row(state.cache, slot, cache),
             tokens=state.tokens.at[slot].set(jnp.where(final, token, state.tokens[slot])),
             positions=state.positions.at[slot].set(start + n_real),
             step=state.step.at[slot].add(final.astype(jnp.int32)),
@@ -152,17 +173,17 @@ class Steps:
         return state, out
 
     def _decode(
-        self, params: Any, state: DecodeState, active: Array, *, kv_len: int, rows: int
+        self, params: Any, state: DecodeState, active: Array, inputs: Array | None = None, *, kv_len: int, rows: int
     ) -> tuple[DecodeState, SampleOut]:
         """One token for every ``active`` slot among the first ``rows`` (static: a batch
         bucket, so a lightly loaded engine does not pay for all its slots); idle slots
         read and write nothing."""
         self.traces[f"decode/{rows}/{kv_len}"] += 1
         head = lambda x: x[:rows]  # noqa: E731
+        last_tokens, positions = decode_inputs(state.tokens, state.positions, active, rows)
         active = head(active)
-        positions = jnp.where(active, head(state.positions), PAD_POSITION)
         logits, cache = self.model.apply(
-            {"params": params}, head(state.tokens)[:, None], positions[:, None], state.cache,
+            {"params": params}, last_tokens if inputs is None else inputs, positions, state.cache,
             logits_at=jnp.zeros((rows,), jnp.int32), kv_len=kv_len,
         )
         sampling = jax.tree.map(head, state.sampling)

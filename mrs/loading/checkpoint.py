@@ -8,6 +8,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from mrs.models.config import ModelConfig
+from mrs.sharding.placement import Placement
 
 
 @dataclass
@@ -21,3 +22,4 @@ class Checkpoint:
     chat_template: str | None  # the checkpoint's own; ModelEntry fields can override it
     source: str  # where it was loaded from, for logs
     notes: list[str] = field(default_factory=list)  # e.g. "fallback chat template in use"
+    placement: Placement = field(default_factory=Placement)  # the entry's devices; the engine lays params out

@@ -29,11 +29,13 @@ from mrs.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
+    Stage,
     apply_rope,
     attend,
     layer_window,
     rope_inv_freq,
     lm_logits,
+    stage_layers,
     update_cache,
 )
 
@@ -89,24 +91,29 @@ class DecoderLayer(nn.Module):
 
 class Gemma3Model(nn.Module):
     config: ModelConfig
+    stage: Stage = None
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array, cache: KVCache, kv_len: int | None):
+    def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None):
         c = self.config
+        layers = stage_layers(c, self.stage)
         embed = Embedding(c.jnp_dtype, name="embed_tokens")
         # HF casts the scale to the weight dtype before multiplying; do the same.
-        x = embed(tokens) * jnp.asarray(math.sqrt(c.hidden_size), c.jnp_dtype)
+        x = embed(inputs) * jnp.asarray(math.sqrt(c.hidden_size), c.jnp_dtype) if layers.start == 0 else inputs
         new_cache = []
-        for i in range(c.num_layers):
-            x, layer_cache = DecoderLayer(c, i, name=f"layers_{i}")(x, positions, cache[i], kv_len)
+        for i in layers:
+            x, layer_cache = DecoderLayer(c, i, name=f"layers_{i}")(x, positions, cache[i - layers.start], kv_len)
             new_cache.append(layer_cache)
-        return RMSNorm(c.norm_eps, unit_offset=True, name="norm")(x), embed, tuple(new_cache)
+        if layers.stop == c.num_layers:
+            x = RMSNorm(c.norm_eps, unit_offset=True, name="norm")(x)
+        return x, embed, tuple(new_cache)
 
 
 class Gemma3ForCausalLM(nn.Module):
     """Same call contract as ``mrs.models.llama.LlamaForCausalLM``."""
 
     config: ModelConfig
+    stage: Stage = None
 
     @nn.compact
     def __call__(
@@ -117,8 +124,8 @@ class Gemma3ForCausalLM(nn.Module):
         logits_at: Array | None = None,
         kv_len: int | None = None,
     ):
-        hidden, embed, cache = Gemma3Model(self.config, name="model")(tokens, positions, cache, kv_len)
-        return lm_logits(hidden, embed, self.config, logits_at), cache
+        hidden, embed, cache = Gemma3Model(self.config, self.stage, name="model")(tokens, positions, cache, kv_len)
+        return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
 
 
 # Tensor-name prefixes of the multimodal checkpoint's text tower, mapped to ours.

@@ -28,9 +28,11 @@ from mrs.models.layers import (
     KVCache,
     LayerNorm,
     Linear,
+    Stage,
     attend,
     dense_weight,
     lm_logits,
+    stage_layers,
     update_cache,
     weight,
 )
@@ -93,23 +95,28 @@ class PositionEmbedding(nn.Module):
 
 class GPT2Model(nn.Module):
     config: ModelConfig
+    stage: Stage = None
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array, cache: KVCache, kv_len: int | None):
+    def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None):
         c = self.config
+        layers = stage_layers(c, self.stage)
         wte = Embedding(c.jnp_dtype, name="wte")
-        x = wte(tokens) + PositionEmbedding(c.jnp_dtype, name="wpe")(positions)
+        x = wte(inputs) + PositionEmbedding(c.jnp_dtype, name="wpe")(positions) if layers.start == 0 else inputs
         new_cache = []
-        for i in range(c.num_layers):
-            x, layer_cache = Block(c, name=f"h_{i}")(x, positions, cache[i], kv_len)
+        for i in layers:
+            x, layer_cache = Block(c, name=f"h_{i}")(x, positions, cache[i - layers.start], kv_len)
             new_cache.append(layer_cache)
-        return LayerNorm(c.norm_eps, name="ln_f")(x), wte, tuple(new_cache)
+        if layers.stop == c.num_layers:
+            x = LayerNorm(c.norm_eps, name="ln_f")(x)
+        return x, wte, tuple(new_cache)
 
 
 class GPT2LMHeadModel(nn.Module):
     """Same call contract as ``mrs.models.llama.LlamaForCausalLM``."""
 
     config: ModelConfig
+    stage: Stage = None
 
     @nn.compact
     def __call__(
@@ -120,8 +127,8 @@ class GPT2LMHeadModel(nn.Module):
         logits_at: Array | None = None,
         kv_len: int | None = None,
     ):
-        hidden, wte, cache = GPT2Model(self.config, name="transformer")(tokens, positions, cache, kv_len)
-        return lm_logits(hidden, wte, self.config, logits_at), cache
+        hidden, wte, cache = GPT2Model(self.config, self.stage, name="transformer")(tokens, positions, cache, kv_len)
+        return lm_logits(hidden, wte, self.config, logits_at, self.stage), cache
 
 
 def hf_tensor(name: str, value: Any) -> tuple[str, Any] | None:

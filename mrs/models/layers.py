@@ -28,6 +28,8 @@ from mrs.models.config import SLIDING, ModelConfig
 
 Array = jax.Array
 KVCache = tuple[tuple[Array, Array], ...]
+# Decoder layers [start, stop) that one pipeline stage runs (num_device_layers); None: all.
+Stage = tuple[int, int] | None
 
 # Padding tokens get this position: far past any cache, so their writes drop.
 PAD_POSITION = np.iinfo(np.int32).max // 2
@@ -212,19 +214,31 @@ def layer_window(config: ModelConfig, layer: int) -> int | None:
     return config.sliding_window if config.layer_type(layer) == SLIDING else None
 
 
-def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = None) -> KVCache:
-    """A zeroed KV cache: one ``(k, v)`` pair per layer."""
+def stage_layers(config: ModelConfig, stage: Stage) -> range:
+    """The decoder layers a stage runs. The first stage embeds tokens; a later one takes
+    the previous stage's hidden states ``[B, T, H]`` instead. Only the last applies the
+    final norm and the head; the others return hidden states."""
+    return range(*(stage or (0, config.num_layers)))
+
+
+def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = None, stage: Stage = None) -> KVCache:
+    """A zeroed KV cache: one ``(k, v)`` pair per layer (of ``stage``)."""
     shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
     dtype = dtype or config.jnp_dtype
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in stage_layers(config, stage))
 
 
-def lm_logits(hidden: Array, embed: Embedding, config: ModelConfig, logits_at: Array | None) -> Array:
+def lm_logits(
+    hidden: Array, embed: Embedding, config: ModelConfig, logits_at: Array | None, stage: Stage = None
+) -> Array:
     """The LM head every family shares: float32 logits at ``logits_at`` (all steps when None).
 
     Call it inside the causal-LM module's compact ``__call__``: an untied head is
-    that module's ``lm_head`` submodule.
+    that module's ``lm_head`` submodule. A stage before the last has no head: its
+    hidden states go on to the next stage as they are.
     """
+    if stage_layers(config, stage).stop < config.num_layers:
+        return hidden
     hidden = select_logits(hidden, logits_at)
     logits = embed.attend(hidden) if config.tie_word_embeddings else Linear(name="lm_head")(hidden)
     logits = logits.astype(jnp.float32)

@@ -17,11 +17,13 @@ from mrs.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
+    Stage,
     apply_rope,
     attend,
     layer_window,
     rope_inv_freq,
     lm_logits,
+    stage_layers,
     update_cache,
 )
 
@@ -66,17 +68,21 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     config: ModelConfig
+    stage: Stage = None
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array, cache: KVCache, kv_len: int | None):
+    def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None):
         c = self.config
+        layers = stage_layers(c, self.stage)
         embed = Embedding(c.jnp_dtype, name="embed_tokens")
-        x = embed(tokens)
+        x = embed(inputs) if layers.start == 0 else inputs
         new_cache = []
-        for i in range(c.num_layers):
-            x, layer_cache = DecoderLayer(c, i, name=f"layers_{i}")(x, positions, cache[i], kv_len)
+        for i in layers:
+            x, layer_cache = DecoderLayer(c, i, name=f"layers_{i}")(x, positions, cache[i - layers.start], kv_len)
             new_cache.append(layer_cache)
-        return RMSNorm(c.norm_eps, name="norm")(x), embed, tuple(new_cache)
+        if layers.stop == c.num_layers:
+            x = RMSNorm(c.norm_eps, name="norm")(x)
+        return x, embed, tuple(new_cache)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -84,9 +90,11 @@ class LlamaForCausalLM(nn.Module):
 
     ``logits_at [B]`` keeps only those time steps (logits ``[B, V]``); ``kv_len``
     (static) bounds the cache rows attention reads. See ``mrs.models.layers``.
+    ``stage`` (num_device_layers) runs only those decoder layers, see ``stage_layers``.
     """
 
     config: ModelConfig
+    stage: Stage = None
 
     @nn.compact
     def __call__(
@@ -97,8 +105,8 @@ class LlamaForCausalLM(nn.Module):
         logits_at: Array | None = None,
         kv_len: int | None = None,
     ):
-        hidden, embed, cache = LlamaModel(self.config, name="model")(tokens, positions, cache, kv_len)
-        return lm_logits(hidden, embed, self.config, logits_at), cache
+        hidden, embed, cache = LlamaModel(self.config, self.stage, name="model")(tokens, positions, cache, kv_len)
+        return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
 
 
 def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:

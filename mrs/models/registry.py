@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mrs.models import gemma3, gpt2, llama
 from mrs.models.config import ModelConfig
-from mrs.models.layers import ACTIVATIONS, init_cache
+from mrs.models.layers import ACTIVATIONS, Stage, init_cache
 from mrs.models.params import nest
 
 
@@ -31,12 +31,14 @@ def _gemma3_tensor(name: str, value: Any) -> tuple[str, Any] | None:
 
 @dataclass(frozen=True)
 class Arch:
-    module: type[nn.Module]  # called as module(config)
+    module: type[nn.Module]  # called as module(config, stage)
     config_from_hf: Callable[..., ModelConfig]  # (hf config dict, dtype=...) -> ModelConfig
     # One HF tensor -> (our name, array) or None to skip it (renames, layout fixes).
     hf_tensor: Callable[[str, Any], tuple[str, Any] | None] = _same_tensor
     # Used only when the checkpoint has no chat template and none is configured.
     fallback_chat_template: str | None = None
+    # The first stage's modules besides its layers (token embedding first: a tied head reads it).
+    embeddings: tuple[str, ...] = ("embed_tokens",)
 
 
 ARCHS: dict[str, Arch] = {
@@ -44,7 +46,8 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
     "qwen2": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
     "gemma3": Arch(gemma3.Gemma3ForCausalLM, gemma3.config_from_hf, _gemma3_tensor),
-    "gpt2": Arch(gpt2.GPT2LMHeadModel, gpt2.config_from_hf, gpt2.hf_tensor, gpt2.FALLBACK_CHAT_TEMPLATE),
+    "gpt2": Arch(gpt2.GPT2LMHeadModel, gpt2.config_from_hf, gpt2.hf_tensor, gpt2.FALLBACK_CHAT_TEMPLATE,
+                 embeddings=("wte", "wpe")),
 }
 
 # config.json "model_type" / "architectures" values -> our arch name.
@@ -68,8 +71,9 @@ def get_arch(name: str) -> Arch:
         ) from None
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    return get_arch(config.arch).module(config)
+def build_model(config: ModelConfig, stage: Stage = None) -> nn.Module:
+    """The causal LM, or one pipeline stage of it (``mrs.models.layers.stage_layers``)."""
+    return get_arch(config.arch).module(config, stage)
 
 
 def _known_arch(hf: dict) -> str | None:

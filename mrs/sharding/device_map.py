@@ -22,21 +22,14 @@ from mrs.errors import ConfigError
 
 _COUNT = re.compile(r"^\s*(\d+)\s*$")
 _PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_LAYER = re.compile(r"^(?:layers|h)_(\d+)$")  # a decoder layer's subtree: llama/gemma3, gpt2
 
 
 @dataclass(frozen=True)
 class DeviceMap:
-    """One device per decoder layer, plus the devices of the embedding and the head."""
+    """One device per decoder layer; the embedding goes with the first, the head with the last."""
 
     layers: tuple[Any, ...]
-
-    @property
-    def first(self) -> Any:
-        return self.layers[0]
-
-    @property
-    def last(self) -> Any:
-        return self.layers[-1]
 
     def stages(self) -> list[tuple[Any, range]]:
         """Consecutive layers on one device, in order: ``[(device, range(start, stop)), ...]``."""
@@ -109,31 +102,26 @@ def device_map(
     return DeviceMap(tuple(layers))
 
 
-def layer_key(params: dict, layer: int) -> tuple[str, str]:
-    """Where layer ``layer``'s subtree sits: ``("model", "layers_3")`` / ``("transformer", "h_3")``."""
-    for root, sub in params.items():
-        if isinstance(sub, dict):
-            for name in (f"layers_{layer}", f"h_{layer}"):
-                if name in sub:
-                    return root, name
-    raise KeyError(f"no parameters for decoder layer {layer}")
+def stage_params(params: dict, layers: range, num_layers: int, embeddings: tuple[str, ...], tied: bool) -> dict:
+    """The parameters of the stage that runs ``layers``: its decoder layers, the
+    ``embeddings`` on the first stage, the rest (final norm, head) on the last, which
+    also needs the token embedding (``embeddings[0]``) when the head is tied to it.
 
-
-def place_params(params: dict, dmap: DeviceMap) -> dict:
-    """Each layer's subtree on its device; everything else (embedding, final norm, head) on the first.
-
-    Copies subtree by subtree, so no device ever holds more than its share.
+    Each stage then holds only what it reads, so no device holds more than its share.
     """
-    where = {layer_key(params, i): device for i, device in enumerate(dmap.layers)}
-    placed: dict = {}
+    first, last = layers.start == 0, layers.stop == num_layers
+
+    def wanted(name: str) -> bool:
+        if m := _LAYER.match(name):
+            return int(m.group(1)) in layers
+        if name in embeddings:
+            return first or (last and tied and name == embeddings[0])
+        return last
+
+    out: dict = {}
     for root, sub in params.items():
-        if isinstance(sub, dict):
-            placed[root] = {name: jax.device_put(v, where.get((root, name), dmap.first)) for name, v in sub.items()}
-        else:
-            placed[root] = jax.device_put(sub, dmap.first)
-    return placed
-
-
-def place_cache(cache: tuple, dmap: DeviceMap) -> tuple:
-    """Each layer's ``(k, v)`` on its layer's device."""
-    return tuple(jax.device_put(layer, device) for layer, device in zip(cache, dmap.layers))
+        if isinstance(sub, dict) and any(_LAYER.match(name) for name in sub):  # the decoder's subtree
+            out[root] = {name: value for name, value in sub.items() if wanted(name)}
+        elif wanted(root):
+            out[root] = sub
+    return out

@@ -4,9 +4,10 @@ Column-parallel projections (q/k/v, gate/up, GPT-2's c_attn/c_fc) split their
 output rows; row-parallel ones (o_proj, down_proj, c_proj) split their input
 columns, so each device holds 1/N of every layer and XLA's SPMD partitioner
 inserts the one all-reduce per block. Embeddings, norms and the head are
-replicated. The KV cache splits its kv-heads axis. A dimension that does not
-divide by N stays replicated (correct, just not split); the model code is
-unchanged: the jitted step sees sharded inputs and GSPMD partitions it.
+replicated. The KV cache splits its kv-heads axis. N must divide the attention
+and kv heads (``check_heads``), so no head spans two devices; another dimension
+that does not divide by N stays replicated (correct, just not split). The model
+code is unchanged: the jitted step sees sharded inputs and GSPMD partitions it.
 
 Pick this over ``num_device_layers`` when the devices are alike and linked
 (several GPUs in one host): every device works on every token. ``num_device_layers``
@@ -42,13 +43,22 @@ def make_mesh(n: int, devices: Sequence[Any] | None = None) -> Mesh:
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
+def check_heads(n: int, num_heads: int, num_kv_heads: int) -> None:
+    """Heads split whole: each device attends over its own q and kv heads, none spans two."""
+    if num_heads % n or num_kv_heads % n:
+        raise ConfigError(
+            f"tensor_parallel {n} must divide the attention heads ({num_heads}) and the kv heads ({num_kv_heads})",
+            param="tensor_parallel",
+        )
+
+
 def _split(shape: tuple[int, ...], axis: int, mesh: Mesh) -> P:
     """Split ``axis`` over the mesh when it divides evenly, else replicate."""
     if shape[axis] % mesh.shape[AXIS]:
         return P()
-    spec: list[Any] = [None] * len(shape)
-    spec[axis] = AXIS
-    return P(*spec)
+    # No trailing Nones: XLA hands the spec back in that canonical form, and an equal
+    # but differently spelt sharding would compile the step again.
+    return P(*[None] * axis, AXIS)
 
 
 def _leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, quantized_axis: int | None = None) -> P:
@@ -82,6 +92,7 @@ def shard_params(params: dict, mesh: Mesh) -> dict:
     return walk(params, ())
 
 
-def shard_cache(cache: Any, mesh: Mesh) -> Any:
-    """KV cache arrays ``[B, Hkv, S, D]`` split over kv heads (replicated if they do not divide)."""
-    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, _split(a.shape, 1, mesh))), cache)
+def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+    """For KV cache arrays (or their shapes) ``[B, Hkv, S, D]``: split over kv heads
+    (replicated if they do not divide)."""
+    return jax.tree.map(lambda a: NamedSharding(mesh, _split(a.shape, 1, mesh)), cache)
