@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from mrs.models.config import FULL, SLIDING, ModelConfig
 from mrs.models.layers import (
+    CausalLM,
     Embedding,
     GatedMLP,
     KVCache,
@@ -34,7 +35,7 @@ from mrs.models.layers import (
     attend,
     layer_window,
     rope_inv_freq,
-    lm_logits,
+    run_stage,
     stage_layers,
     update_cache,
 )
@@ -100,32 +101,17 @@ class Gemma3Model(nn.Module):
         embed = Embedding(c.jnp_dtype, name="embed_tokens")
         # HF casts the scale to the weight dtype before multiplying; do the same.
         x = embed(inputs) * jnp.asarray(math.sqrt(c.hidden_size), c.jnp_dtype) if layers.start == 0 else inputs
-        new_cache = []
-        for i in layers:
-            x, layer_cache = DecoderLayer(c, i, name=f"layers_{i}")(x, positions, cache[i - layers.start], kv_len)
-            new_cache.append(layer_cache)
+        x, new_cache = run_stage(lambda i: DecoderLayer(c, i, name=f"layers_{i}"), layers, x, positions, cache, kv_len)
         if layers.stop == c.num_layers:
             x = RMSNorm(c.norm_eps, unit_offset=True, name="norm")(x)
-        return x, embed, tuple(new_cache)
+        return x, embed, new_cache
 
 
-class Gemma3ForCausalLM(nn.Module):
-    """Same call contract as ``mrs.models.llama.LlamaForCausalLM``."""
+class Gemma3ForCausalLM(CausalLM):
+    """Gemma 3 text (call contract: ``mrs.models.layers.CausalLM``)."""
 
-    config: ModelConfig
-    stage: Stage = None
-
-    @nn.compact
-    def __call__(
-        self,
-        tokens: Array,
-        positions: Array,
-        cache: KVCache,
-        logits_at: Array | None = None,
-        kv_len: int | None = None,
-    ):
-        hidden, embed, cache = Gemma3Model(self.config, self.stage, name="model")(tokens, positions, cache, kv_len)
-        return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
+    def backbone(self) -> nn.Module:
+        return Gemma3Model(self.config, self.stage, name="model")
 
 
 # Tensor-name prefixes of the multimodal checkpoint's text tower, mapped to ours.

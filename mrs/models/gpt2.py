@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from mrs.models.config import ModelConfig
 from mrs.models.layers import (
+    CausalLM,
     ACTIVATIONS,
     Embedding,
     KVCache,
@@ -31,7 +32,7 @@ from mrs.models.layers import (
     Stage,
     attend,
     dense_weight,
-    lm_logits,
+    run_stage,
     stage_layers,
     update_cache,
     weight,
@@ -103,32 +104,17 @@ class GPT2Model(nn.Module):
         layers = stage_layers(c, self.stage)
         wte = Embedding(c.jnp_dtype, name="wte")
         x = wte(inputs) + PositionEmbedding(c.jnp_dtype, name="wpe")(positions) if layers.start == 0 else inputs
-        new_cache = []
-        for i in layers:
-            x, layer_cache = Block(c, name=f"h_{i}")(x, positions, cache[i - layers.start], kv_len)
-            new_cache.append(layer_cache)
+        x, new_cache = run_stage(lambda i: Block(c, name=f"h_{i}"), layers, x, positions, cache, kv_len)
         if layers.stop == c.num_layers:
             x = LayerNorm(c.norm_eps, name="ln_f")(x)
-        return x, wte, tuple(new_cache)
+        return x, wte, new_cache
 
 
-class GPT2LMHeadModel(nn.Module):
-    """Same call contract as ``mrs.models.llama.LlamaForCausalLM``."""
+class GPT2LMHeadModel(CausalLM):
+    """GPT-2 (call contract: ``mrs.models.layers.CausalLM``)."""
 
-    config: ModelConfig
-    stage: Stage = None
-
-    @nn.compact
-    def __call__(
-        self,
-        tokens: Array,
-        positions: Array,
-        cache: KVCache,
-        logits_at: Array | None = None,
-        kv_len: int | None = None,
-    ):
-        hidden, wte, cache = GPT2Model(self.config, self.stage, name="transformer")(tokens, positions, cache, kv_len)
-        return lm_logits(hidden, wte, self.config, logits_at, self.stage), cache
+    def backbone(self) -> nn.Module:
+        return GPT2Model(self.config, self.stage, name="transformer")
 
 
 def hf_tensor(name: str, value: Any) -> tuple[str, Any] | None:

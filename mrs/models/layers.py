@@ -228,6 +228,49 @@ def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = N
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in stage_layers(config, stage))
 
 
+def run_stage(
+    layer: Callable[[int], nn.Module], layers: range, x: Array, positions: Array, cache: KVCache, kv_len: int | None
+) -> tuple[Array, KVCache]:
+    """Run decoder layers ``layers`` (one stage) over ``x``; ``layer(i)`` builds layer ``i``.
+
+    Call it from a compact ``__call__``, so the layers become that module's submodules.
+    """
+    new_cache = []
+    for i in layers:
+        x, layer_cache = layer(i)(x, positions, cache[i - layers.start], kv_len)
+        new_cache.append(layer_cache)
+    return x, tuple(new_cache)
+
+
+class CausalLM(nn.Module):
+    """``(tokens [B,T], positions [B,T], cache) -> (float32 logits, cache)``, for every family.
+
+    ``logits_at [B]`` keeps only those time steps (logits ``[B, V]``); ``kv_len``
+    (static) bounds the cache rows attention reads. ``stage`` (num_device_layers)
+    runs only those decoder layers, see ``stage_layers``. A family subclasses this
+    and names its decoder stack in ``backbone``.
+    """
+
+    config: ModelConfig
+    stage: Stage = None
+
+    def backbone(self) -> nn.Module:
+        """The family's decoder stack: ``(inputs, positions, cache, kv_len) -> (hidden, embedding, cache)``."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array,
+        cache: KVCache,
+        logits_at: Array | None = None,
+        kv_len: int | None = None,
+    ):
+        hidden, embed, cache = self.backbone()(tokens, positions, cache, kv_len)
+        return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
+
+
 def lm_logits(
     hidden: Array, embed: Embedding, config: ModelConfig, logits_at: Array | None, stage: Stage = None
 ) -> Array:

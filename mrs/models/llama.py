@@ -12,6 +12,7 @@ import jax
 
 from mrs.models.config import FULL, SLIDING, ModelConfig
 from mrs.models.layers import (
+    CausalLM,
     Embedding,
     GatedMLP,
     KVCache,
@@ -22,7 +23,7 @@ from mrs.models.layers import (
     attend,
     layer_window,
     rope_inv_freq,
-    lm_logits,
+    run_stage,
     stage_layers,
     update_cache,
 )
@@ -76,37 +77,17 @@ class LlamaModel(nn.Module):
         layers = stage_layers(c, self.stage)
         embed = Embedding(c.jnp_dtype, name="embed_tokens")
         x = embed(inputs) if layers.start == 0 else inputs
-        new_cache = []
-        for i in layers:
-            x, layer_cache = DecoderLayer(c, i, name=f"layers_{i}")(x, positions, cache[i - layers.start], kv_len)
-            new_cache.append(layer_cache)
+        x, new_cache = run_stage(lambda i: DecoderLayer(c, i, name=f"layers_{i}"), layers, x, positions, cache, kv_len)
         if layers.stop == c.num_layers:
             x = RMSNorm(c.norm_eps, name="norm")(x)
-        return x, embed, tuple(new_cache)
+        return x, embed, new_cache
 
 
-class LlamaForCausalLM(nn.Module):
-    """``(tokens [B,T], positions [B,T], cache) -> (float32 logits, cache)``.
+class LlamaForCausalLM(CausalLM):
+    """Llama, Mistral, Qwen2 (call contract: ``mrs.models.layers.CausalLM``)."""
 
-    ``logits_at [B]`` keeps only those time steps (logits ``[B, V]``); ``kv_len``
-    (static) bounds the cache rows attention reads. See ``mrs.models.layers``.
-    ``stage`` (num_device_layers) runs only those decoder layers, see ``stage_layers``.
-    """
-
-    config: ModelConfig
-    stage: Stage = None
-
-    @nn.compact
-    def __call__(
-        self,
-        tokens: Array,
-        positions: Array,
-        cache: KVCache,
-        logits_at: Array | None = None,
-        kv_len: int | None = None,
-    ):
-        hidden, embed, cache = LlamaModel(self.config, self.stage, name="model")(tokens, positions, cache, kv_len)
-        return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
+    def backbone(self) -> nn.Module:
+        return LlamaModel(self.config, self.stage, name="model")
 
 
 def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
