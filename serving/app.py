@@ -132,6 +132,8 @@ def create_app(table: ModelTable) -> Quart:
         reply: dict[str, Any] = {"model_id": model_id, "status": status}
         if error := table.error(model_id):
             reply["error"] = error
+        if memory := table.memory(model_id):
+            reply["memory"] = memory
         return json_reply(reply)
 
     @app.post("/v1/models/status")

@@ -86,6 +86,14 @@ class ModelTable:
     def error(self, model_id: str) -> str | None:
         return self._row(model_id).error
 
+    def memory(self, model_id: str) -> dict[str, int] | None:
+        """A loaded model's parameter and KV cache bytes (its engine's measurement); else None."""
+        served = self._row(model_id).served
+        if served is None:
+            return None
+        stats = served.engine.stats()
+        return {"param_bytes": stats["param_bytes"], "kv_cache_bytes": stats["kv_cache_bytes"]}
+
     @property
     def ready(self) -> bool:
         """True once startup loading is over and every model is loaded."""
@@ -187,4 +195,9 @@ def _summary(pipeline: Pipeline) -> str:
     stats = pipeline.engine.stats()
     notes = "".join(f"; {note}" for note in pipeline.checkpoint.notes)  # e.g. which chat template
     return (f"arch {pipeline.config.arch}, context {pipeline.engine.context_limit}, {stats['slots_total']} slots, "
+            f"params {_size(stats['param_bytes'])}, KV cache {_size(stats['kv_cache_bytes'])}, "
             f"warm-up {stats['warmup_s']:.1f}s{notes}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n} bytes)"

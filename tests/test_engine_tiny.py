@@ -15,6 +15,7 @@ from mrs.config.schema import EngineConfig
 from mrs.engine.engine import Engine
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta
 from mrs.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+from mrs.quant import param_bytes
 
 CONFIG = EngineConfig(max_batch=16, max_seq_len=128, max_queue=64, prefill_buckets=[16, 64])
 
@@ -227,4 +228,12 @@ def test_no_recompile_after_warmup(engine) -> None:
             presence_penalty=0.5, logit_bias={5: 2.0}, logprobs=True, top_logprobs=2)
     assert dict(engine._steps.traces) == before
     stats = engine.stats()
-    assert stats["tokens_generated"] > 0 and stats["param_bytes"] > 0 and stats["kv_bytes"] > 0
+    assert stats["tokens_generated"] > 0
+
+
+def test_memory_measured_from_device_arrays(engine, tiny) -> None:
+    stats, config = engine.stats(), tiny[0].config
+    assert stats["param_bytes"] == param_bytes(tiny[0].params) > 0
+    # one (k, v) pair per layer, every slot holding the whole context, float32
+    kv = config.num_layers * 2 * CONFIG.max_batch * engine.context_limit * config.num_kv_heads * config.head_dim * 4
+    assert stats["kv_cache_bytes"] == kv

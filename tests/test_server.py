@@ -22,6 +22,10 @@ import pytest
 
 from server_process import BIN, SMALL_ENGINE, Server, jax_cache_env, start
 
+from mrs.config.mistralrs import load_multi_model_config
+from mrs.loading.load import load_checkpoint
+from mrs.quant import param_bytes
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GEMMA_PROMPT = "The capital of France is"
 MAX_TOKENS = 12
@@ -270,13 +274,29 @@ def test_tokenize_detokenize_metrics_openapi(server: Server) -> None:
     assert "/v1/chat/completions" in spec["paths"] and "/v1/completions" in spec["paths"]
 
 
+def test_status_reports_memory_measured_by_the_engine(server: Server, models_json: Path) -> None:
+    """param and KV cache bytes in /v1/models/status and the startup log, as the engine measures
+    them: the checkpoint's arrays, and a float32 (k, v) pair per layer for every slot and position."""
+    for entry in load_multi_model_config(models_json):
+        checkpoint = load_checkpoint(entry)
+        config = checkpoint.config
+        context = min(512, config.max_position_embeddings)  # SMALL_ENGINE: --max-seqs 4 --max-seq-len 512
+        kv = config.num_layers * 2 * 4 * context * config.num_kv_heads * config.head_dim * 4
+        params = param_bytes(checkpoint.params)
+        reply = httpx.post(f"{server.url}/v1/models/status", json={"model_id": entry.model_id}).json()
+        assert reply == {"model_id": entry.model_id, "status": "loaded",
+                         "memory": {"param_bytes": params, "kv_cache_bytes": kv}}
+        ready = next(line for line in server.output().splitlines() if f"model {entry.model_id!r} ready" in line)
+        assert f"params {params / 2**20:.1f} MiB ({params} bytes)" in ready and f"({kv} bytes)" in ready
+
+
 def test_unload_status_reload(client: openai.OpenAI, server: Server, reference: dict[str, dict]) -> None:
     def post(action: str, model_id: str) -> httpx.Response:
         return httpx.post(f"{server.url}/v1/models/{action}", json={"model_id": model_id}, timeout=900)
 
-    assert post("status", "gemma3").json() == {"model_id": "gemma3", "status": "loaded"}
+    assert post("status", "gemma3").json()["status"] == "loaded"
     assert post("unload", "gemma3").json() == {"model_id": "gemma3", "status": "unloaded"}
-    assert post("status", "gemma3").json()["status"] == "unloaded"
+    assert post("status", "gemma3").json() == {"model_id": "gemma3", "status": "unloaded"}  # no memory held
     with pytest.raises(openai.InternalServerError) as info:
         client.completions.create(model="gemma3", prompt=GEMMA_PROMPT, max_tokens=4)
     assert info.value.status_code == 503 and "unloaded" in info.value.body["message"]
@@ -285,7 +305,8 @@ def test_unload_status_reload(client: openai.OpenAI, server: Server, reference: 
     # the other model keeps serving
     assert client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=MAX_TOKENS,
                                           temperature=0).choices[0].message.content == reference["smollm2"]["text"]
-    assert post("reload", "gemma3").json() == {"model_id": "gemma3", "status": "loaded"}
+    reloaded = post("reload", "gemma3").json()
+    assert reloaded["status"] == "loaded" and reloaded["memory"]["param_bytes"] > 0
     again = client.completions.create(model="gemma3", prompt=GEMMA_PROMPT, max_tokens=MAX_TOKENS, temperature=0)
     assert again.choices[0].text == reference["gemma3"]["text"]
     assert post("status", "nope").status_code == 404

@@ -33,6 +33,7 @@ from mrs.engine.validate import validate_request
 from mrs.errors import InvalidRequest, ModelUnavailable, Overloaded
 from mrs.loading.checkpoint import Checkpoint
 from mrs.models.config import ModelConfig
+from mrs.quant.memory import cache_bytes, param_bytes
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Engine:
         self._steps_run = 0
         self._step_seconds = 0.0
         self._warmup_seconds = 0.0
+        self._kv_cache_bytes = 0  # measured once the engine thread allocates the cache
 
     @classmethod
     def from_parts(
@@ -195,8 +197,8 @@ class Engine:
             "step_time_ms": 1000 * self._step_seconds,
             "warmup_s": self._warmup_seconds,
             "compiles": sum(self._steps.traces.values()),
-            "param_bytes": sum(x.nbytes for x in jax.tree.leaves(self._params)),
-            "kv_bytes": sum(x.nbytes for x in jax.tree.leaves(self._state.cache)) if self._state else 0,
+            "param_bytes": param_bytes(self._params),
+            "kv_cache_bytes": self._kv_cache_bytes,
             "context_limit": self.context_limit,
         }
 
@@ -216,6 +218,9 @@ class Engine:
     def _run(self) -> None:
         try:
             self._state = self._steps.init_state()
+            # Measured here, not in stats(): other threads must not read a cache the
+            # decode step is donating, and its buffers keep these sizes for the engine's life.
+            self._kv_cache_bytes = cache_bytes(self._state.cache)
             if self.config.warmup:
                 self._warmup()
         except BaseException as exc:  # report through start(); callers never hang
