@@ -4,6 +4,7 @@
     mrs serve multi_model_config=models.json engine=small
     mrs generate model=smollm2-135m prompt='Hello' max_tokens=32
     mrs chat model=smollm2-135m prompt='What is the capital of France?'
+    mrs convert model=smollm2-135m-plain model.in_situ_quant=Q4_0 out=DIR
     mrs fetch-models
     mrs <command> ... --cfg        # print the composed config and exit
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mrs.config.schema import ModelEntry
 from mrs.errors import ConfigError, MrsError
 
 USAGE = __doc__.split("\n\n")[1]
@@ -35,15 +37,23 @@ def _serve(overrides: list[str]) -> int:
     return run(config)
 
 
-def _generate(overrides: list[str], chat: bool) -> int:
-    from mrs.config.hydra import compose_config, to_model_entry
+def _model_entry(cfg: DictConfig) -> ModelEntry:
+    """The one model of ``model=<preset>`` (and ``model.*=``, ``quant=``) overrides."""
+    from mrs.config.hydra import to_model_entry
 
-    cfg = compose_config(overrides)
     if cfg.get("model") is None:
         raise ConfigError("choose a model: model=<preset> (see conf/model/)", param="model")
     entry = to_model_entry(cfg.model, "model")
     if cfg.get("quant") is not None:
         entry.in_situ_quant = str(cfg.quant.in_situ_quant)
+    return entry
+
+
+def _generate(overrides: list[str], chat: bool) -> int:
+    from mrs.config.hydra import compose_config
+
+    cfg = compose_config(overrides)
+    entry = _model_entry(cfg)
     from mrs.pipeline import load
 
     # The serving engine preset is sized for many clients; one prompt only needs the
@@ -72,6 +82,23 @@ def _speed_line(result: Any) -> str:
             f"decode: {t.completion_tokens} tokens, {t.decode_tok_per_s:.1f} tok/s]")
 
 
+def _convert(overrides: list[str]) -> int:
+    from mrs.config.hydra import compose_config
+
+    cfg = compose_config(overrides)
+    entry = _model_entry(cfg)
+    if not cfg.get("out"):
+        raise ConfigError("choose where to write the conversion: out=DIR", param="out")
+    from mrs.convert import convert
+
+    begin = time.perf_counter()
+    root = convert(entry, str(cfg.out))
+    print(f"[converted {entry.model_id} in {time.perf_counter() - begin:.1f}s; serve it as a Plain model "
+          f"whose model_id is the directory, e.g. mrs-server plain -m {root}]", file=sys.stderr)
+    print(root)
+    return 0
+
+
 def _fetch(overrides: list[str]) -> int:
     from mrs.fetch import main as fetch_main
 
@@ -82,6 +109,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": _serve,
     "generate": lambda o: _generate(o, chat=False),
     "chat": lambda o: _generate(o, chat=True),
+    "convert": _convert,
     "fetch-models": _fetch,
 }
 

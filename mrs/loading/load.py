@@ -1,6 +1,7 @@
 """``load_checkpoint``: one entry point for every checkpoint kind.
 
-Dispatches on ``entry.model.kind`` and then applies what every kind shares: the
+Dispatches on ``entry.model.kind`` (a ``Plain`` directory written by ``mrs convert`` is
+restored by ``mrs.loading.conversion``) and then applies what every kind shares: the
 entry's chat-template fields (one precedence, see ``mrs.loading.chat_template``),
 in-situ quantization, and the device placement (resolved here, applied by the engine).
 """
@@ -11,6 +12,7 @@ from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry
 from mrs.errors import ConfigError, LoadError
 from mrs.loading.chat_template import select_chat_template
 from mrs.loading.checkpoint import Checkpoint
+from mrs.loading.conversion import is_conversion, load_conversion
 from mrs.loading.gguf_loader import load_gguf
 from mrs.loading.safetensors_reader import load_plain
 from mrs.models.config import ModelConfig
@@ -22,7 +24,10 @@ def load_checkpoint(entry: ModelEntry) -> Checkpoint:
     kind = entry.model.kind
     if entry.in_situ_quant:
         resolve_scheme(entry.in_situ_quant)  # a bad scheme name fails before any weight is read
-    if kind == GGUF:
+    converted = kind == PLAIN and is_conversion(entry.model.model_id)
+    if converted:
+        checkpoint = load_conversion(entry)
+    elif kind == GGUF:
         checkpoint = load_gguf(entry)
     elif kind == PLAIN:
         checkpoint = load_plain(entry)
@@ -36,8 +41,9 @@ def load_checkpoint(entry: ModelEntry) -> Checkpoint:
     checkpoint.placement = entry_placement(entry, checkpoint.config)
     if checkpoint.placement != Placement():
         checkpoint.notes.append(f"placement: {checkpoint.placement.describe()}")
-    if entry.in_situ_quant:
+    if entry.in_situ_quant and not converted:  # a conversion is stored quantized (load_conversion checks how)
         checkpoint.params = quantize_params(checkpoint.params, entry.in_situ_quant)
+        checkpoint.in_situ_quant = entry.in_situ_quant
         checkpoint.notes.append(f"in-situ quantized to {entry.in_situ_quant}")
     selected = select_chat_template(entry, checkpoint.chat_template)
     if selected.origin != "checkpoint":

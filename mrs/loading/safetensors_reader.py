@@ -106,7 +106,8 @@ def load_plain(entry: ModelEntry) -> Checkpoint:
     model_dir = resolve_dir(model_id)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise LoadError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+        raise LoadError(f"{model_dir}: no config.json (not a Hugging Face model directory) and no "
+                        "mrs-conversion.json (not a finished `mrs convert` output either)")
     hf = read_json(config_path)
     try:
         arch = entry.model.arch or registry.detect_arch(hf)
