@@ -35,6 +35,10 @@ def run(config: ServeConfig) -> int:
         level=config.server.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.server.log_level.lower() != "debug":
+        # orbax-checkpoint narrates each restore of a conversion in ~10 INFO lines through absl;
+        # the model table's own lines already say what loaded and how.
+        logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         check_serve_config(config)
         _check_archs(config)
