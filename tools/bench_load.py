@@ -23,26 +23,21 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mrs.config.schema import ModelEntry, ModelSource
+import jax
+
+from mrs.config.schema import ModelEntry, ModelSource, entry_from_dict
+from mrs.convert import convert
 from mrs.fetch import fetch_plain_copy, models_dir
+from mrs.loading.load import load_checkpoint
+from mrs.quant import param_bytes
 
 
-def entries(plain_dir: Path, conversion: Path, quant: str) -> dict[str, ModelEntry]:
-    return {
-        f"in-situ {quant} from safetensors": ModelEntry(
-            model_id="source", model=ModelSource(model_id=str(plain_dir)), in_situ_quant=quant),
-        "mrs conversion (Orbax)": ModelEntry(model_id="conversion", model=ModelSource(model_id=str(conversion))),
-    }
+def plain(model_dir: Path, **fields: str) -> ModelEntry:
+    return ModelEntry(model_id=model_dir.name, model=ModelSource(model_id=str(model_dir)), **fields)
 
 
 def one_trial(entry_json: str) -> None:
     """Child process: load the entry, print seconds and parameter bytes as JSON."""
-    import jax
-
-    from mrs.config.schema import entry_from_dict
-    from mrs.loading.load import load_checkpoint
-    from mrs.quant import param_bytes
-
     entry = entry_from_dict(json.loads(entry_json))
     begin = time.perf_counter()
     checkpoint = load_checkpoint(entry)
@@ -67,20 +62,19 @@ def main() -> None:
         one_trial(args.one)
         return
 
-    from mrs.convert import convert
-
     plain_dir = fetch_plain_copy(models_dir())
     with tempfile.TemporaryDirectory(prefix="mrs-bench-load-") as tmp:
-        source = entries(plain_dir, Path(tmp) / "conversion", args.quant)
+        source = plain(plain_dir, in_situ_quant=args.quant)
         begin = time.perf_counter()
-        conversion = convert(next(iter(source.values())), Path(tmp) / "conversion")
+        conversion = convert(source, Path(tmp) / "conversion")
         print(f"converted {plain_dir} with {args.quant} to {conversion} in {time.perf_counter() - begin:.1f}s",
               flush=True)
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in source}
-        for entry in source.values():
+        variants = {f"in-situ {args.quant} from safetensors": source, "mrs conversion (Orbax)": plain(conversion)}
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for entry in variants.values():
             trial(entry)  # untimed: page cache and first-run effects
         for i in range(args.repeats):
-            for name, entry in source.items():
+            for name, entry in variants.items():
                 results[name].append(trial(entry))
                 print(f"  trial {i + 1} {name}: {results[name][-1]['seconds']:.2f}s", flush=True)
 
