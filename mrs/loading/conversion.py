@@ -34,6 +34,8 @@ from mrs.models.config import ModelConfig
 from mrs.quant import resolve_scheme
 
 FORMAT = "mrs-conversion"
+# Bump when what is stored changes meaning: the QArray storage layout (mrs.quant.qarray),
+# parameter names or shapes of an arch, or this module's metadata fields.
 VERSION = 1
 MARKER = "mrs-conversion.json"
 TOKENIZER = "tokenizer"
