@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as T
 from mrs.errors import ConfigError
 from mrs.quant import QArray, cache_bytes, param_bytes, quantize_params, resolve_scheme
 from mrs.quant.gguf import gguf_tensor_to_jax, permute_rows
+from mrs.quant import blockfit
 from mrs.quant.isq import SCHEMES, quantize_array
 from mrs.models.layers import init_cache
 from mrs.models.llama import config_from_hf
@@ -145,15 +146,41 @@ def test_bfloat16_dequantize_and_linear(qarray: QArray) -> None:
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_isq_round_trip_matches_gguf_py(scheme: str) -> None:
+def test_isq_blocks_decode_under_gguf_py(scheme: str) -> None:
+    """ISQ writes ggml's block format: gguf-py's dequantizer reads the bytes as the QArray does."""
     w = _weights(4)
     ggml_type = SCHEMES[scheme]
-    reference = gguf.quants.dequantize(gguf.quants.quantize(w, ggml_type), ggml_type)
-    q = quantize_array(jnp.asarray(w), scheme)
-    np.testing.assert_array_equal(_dense(q), reference)
-    # Sanity on the reference itself: error bounded by the format's step size.
+    raw = blockfit.quantize(w, ggml_type)
+    assert raw.shape == gguf.quants.quantize(w, ggml_type).shape and raw.dtype == np.uint8
+    decoded = gguf.quants.dequantize(raw, ggml_type).reshape(w.shape)
+    np.testing.assert_array_equal(_dense(quantize_array(jnp.asarray(w), scheme)), decoded)
     step = {T.Q4_0: 0.2, T.Q4_1: 0.15, T.Q5_0: 0.1, T.Q5_1: 0.08, T.Q8_0: 0.01}[ggml_type]
-    assert np.max(np.abs(reference - w) / (np.abs(w).max(axis=1, keepdims=True))) < step
+    assert np.max(np.abs(decoded - w) / (np.abs(w).max(axis=1, keepdims=True))) < step
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_isq_has_less_error_than_the_reference_quantizer_on_real_weights(real_tensors: dict, name: str) -> None:
+    t = real_tensors["Q6_K"]  # Gemma 3's first FFN down projection, 1.3M weights
+    w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+    ggml_type = T[name]
+    reference = gguf.quants.dequantize(gguf.quants.quantize(w, ggml_type), ggml_type).reshape(w.shape)
+    ours = gguf.quants.dequantize(blockfit.quantize(w, ggml_type), ggml_type).reshape(w.shape)
+    assert np.sum((ours - w) ** 2) < 0.9 * np.sum((reference - w) ** 2)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_isq_degenerate_blocks(name: str) -> None:
+    """All-zero and constant blocks, and a lone outlier, decode finite and close."""
+    w = np.zeros((2, 96), np.float32)
+    w[0, 32:64] = 0.25
+    w[1, 64:96] = np.linspace(-0.01, 0.01, 32)
+    w[1, 70] = 3.0
+    ggml_type = T[name]
+    decoded = gguf.quants.dequantize(blockfit.quantize(w, ggml_type), ggml_type).reshape(w.shape)
+    assert np.all(np.isfinite(decoded))
+    np.testing.assert_array_equal(decoded[:, :32], 0)
+    np.testing.assert_allclose(decoded[0, 32:64], 0.25, rtol=1e-3)
+    assert abs(decoded[1, 70] - 3.0) < 0.2
 
 
 def test_scheme_names() -> None:

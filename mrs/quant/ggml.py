@@ -1,4 +1,4 @@
-"""Repack ggml quantized blocks (as stored in GGUF files) into QArray storage, in numpy.
+"""ggml quantized blocks (as stored in GGUF files): repacked into QArray storage, or encoded, in numpy.
 
 Every repacking is lossless (dequantizing the QArray gives gguf-py's reference
 values bit for bit):
@@ -12,6 +12,9 @@ values bit for bit):
   into one exact float32 per block).
 - Q6_K -> the 6-bit values in int8 blocks of 16, float32 scale ``d * sc`` (10 bits
   per weight instead of 6.56).
+
+``encode`` is the other direction for the block formats ISQ writes: integers and
+float16 scales (``mrs.quant.blockfit``) laid out as ggml's bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ def _four_bit(values: np.ndarray, scale: np.ndarray, min_: np.ndarray | None, **
     if values.shape[0] % 2:
         return QArray(values.astype(np.uint8), scale, min_, bits=8, **meta)
     return QArray(pack_row_pairs(values), scale, min_, bits=4, **meta)
+
+
+def _nibble_bytes(values: np.ndarray) -> np.ndarray:
+    """Values ``[..., 2n]`` (low 4 bits used) -> ggml's Q4 bytes ``[..., n]``: the inverse of ``_nibbles``."""
+    half = values.shape[-1] // 2
+    return (values[..., :half] & np.uint8(0xF)) | (values[..., half:] << np.uint8(4))
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -97,3 +106,26 @@ def repack(data: np.ndarray, ggml_type: T, shape: tuple[int, ...]) -> QArray:
         values = (values.astype(np.int16) - 32).astype(np.int8).reshape(rows, nblocks * 16, 16)
         return QArray(values, (d * sc).reshape(rows, nblocks * 16), None, shape=shape, block=16, fmt=name)
     raise ValueError(f"cannot repack GGML type {name}; repackable: {', '.join(t.name for t in REPACKABLE)}")
+
+
+# ggml's stored integer is the signed value plus this offset (Q4_0, Q5_0 store it unsigned).
+_OFFSET = {T.Q8_0: 0, T.Q4_0: 8, T.Q4_1: 0, T.Q5_0: 16, T.Q5_1: 0}
+ENCODABLE = tuple(_OFFSET)
+
+
+def encode(q: np.ndarray, d: np.ndarray, m: np.ndarray | None, ggml_type: T) -> np.ndarray:
+    """ggml blocks ``[n, type_size]`` uint8 from integers ``q [n, block]`` and float16 ``d`` (and ``m``) ``[n]``.
+
+    ``q`` is what ggml multiplies by ``d`` (signed for Q4_0/Q5_0/Q8_0).
+    """
+    if ggml_type not in _OFFSET:
+        raise ValueError(f"cannot encode GGML type {ggml_type.name}; encodable: {', '.join(t.name for t in ENCODABLE)}")
+    head = [np.asarray(d, np.float16)[:, None].view(np.uint8)]
+    if m is not None:
+        head.append(np.asarray(m, np.float16)[:, None].view(np.uint8))
+    if ggml_type == T.Q8_0:
+        return np.concatenate([*head, q.astype(np.int8).view(np.uint8)], axis=1)
+    values = (q + _OFFSET[ggml_type]).astype(np.uint8)
+    if ggml_type in (T.Q5_0, T.Q5_1):  # the fifth bits, value j at bit j of a little-endian uint32
+        head.append(np.packbits(values >> np.uint8(4), axis=1, bitorder="little"))
+    return np.concatenate([*head, _nibble_bytes(values)], axis=1)

@@ -21,8 +21,10 @@ Q6K, Q8K    **same as Q8_0**: a 6- or 8-bit value takes a byte in our        8.5
 The 5-bit formats keep their ggml numerics but not ggml's memory saving (a value is
 a byte here, so dequantization is a single pass); prefer Q4_* or Q8_0.
 
-Quantization itself is gguf-py's reference quantizer (bit-exact with llama.cpp's
-``quantize`` for these formats), repacked by ``mrs.quant.ggml``.
+Each block's scale (and min) is searched for the least weighted squared error
+(``mrs.quant.blockfit``) instead of taken from the block's max-abs as ggml's reference
+quantizer does; the result is still ggml's block format (gguf-py's dequantizer reads
+it), repacked by ``mrs.quant.ggml``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from mrs.errors import ConfigError
+from mrs.quant.blockfit import quantize
 from mrs.quant.ggml import repack
 from mrs.quant.gguf import to_device
 from mrs.quant.qarray import QArray
@@ -76,7 +79,7 @@ def quantize_array(w: Any, scheme: str | T, *, fmt: str | None = None) -> QArray
     if isinstance(w, QArray):
         w = w.dequantize()
     values = np.asarray(w, dtype=np.float32)
-    packed = repack(gguf.quants.quantize(values, ggml_type), ggml_type, values.shape)
+    packed = repack(quantize(values, ggml_type), ggml_type, values.shape)
     if fmt is not None:
         packed = QArray(packed.data, packed.scale, packed.min, **{**packed.meta(), "fmt": fmt})
     # Uncommitted (default device): committed params made jitted CPU decode steps ~20x
