@@ -15,6 +15,7 @@ imports ``serving`` at module level (DESIGN.md layers).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -39,14 +40,11 @@ def _serve(overrides: list[str]) -> int:
 
 def _model_entry(cfg: DictConfig) -> ModelEntry:
     """The one model of ``model=<preset>`` (and ``model.*=``, ``quant=``) overrides."""
-    from mrs.config.hydra import to_model_entry
+    from mrs.config.hydra import quant_fields, to_model_entry
 
     if cfg.get("model") is None:
         raise ConfigError("choose a model: model=<preset> (see conf/model/)", param="model")
-    entry = to_model_entry(cfg.model, "model")
-    if cfg.get("quant") is not None:
-        entry.in_situ_quant = str(cfg.quant.in_situ_quant)
-    return entry
+    return dataclasses.replace(to_model_entry(cfg.model, "model"), **quant_fields(cfg))
 
 
 def _generate(overrides: list[str], chat: bool) -> int:

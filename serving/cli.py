@@ -6,7 +6,7 @@
     mrs-server -i gguf -m <dir> -f <file>          # terminal chat instead of HTTP
 
 Per-model options (``--chat-template``, ``--jinja-explicit``, ``--isq``,
-``--num-device-layers``, ``--dtype``) are accepted before or after the subcommand.
+``--isq-embeddings``, ``--num-device-layers``, ``--dtype``) are accepted before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def _model_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("-j", "--jinja-explicit", default=default,
                         help="jinja template file that overrides every other template")
     parser.add_argument("--isq", default=default, help="in-situ quantization, e.g. Q8_0, Q4_0, Q4K")
+    parser.add_argument("--isq-embeddings", default=default,
+                        help="in-situ quantization of the token embedding and LM head, e.g. Q8_0 "
+                             "(default: keep them as loaded)")
     parser.add_argument("-n", "--num-device-layers", nargs="+", default=default,
                         help='layers per device, mistral.rs syntax: "8" or "0:16;1:14"')
     parser.add_argument("-d", "--dtype", choices=_DTYPES, default=argparse.SUPPRESS if suppress else "float32",
@@ -140,7 +143,7 @@ def _single_entry(args: argparse.Namespace) -> ModelEntry:
     return ModelEntry(
         model_id=model_id, model=source, chat_template=args.chat_template,
         jinja_explicit=args.jinja_explicit, num_device_layers=args.num_device_layers,
-        in_situ_quant=args.isq, dtype=args.dtype,
+        in_situ_quant=args.isq, isq_embeddings=args.isq_embeddings, dtype=args.dtype,
     )
 
 

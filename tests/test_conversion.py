@@ -141,6 +141,9 @@ def test_in_situ_quant_must_match_the_conversion(q4_conversion: Path) -> None:
         with pytest.raises(ConfigError, match=f"converted with in_situ_quant=Q4_0, the entry asks for in_situ_quant={asked}") as err:
             load_checkpoint(plain(q4_conversion, in_situ_quant=asked))
         assert err.value.param == "in_situ_quant"
+    with pytest.raises(ConfigError, match="converted with no isq_embeddings, the entry asks for isq_embeddings=Q8_0") as err:
+        load_checkpoint(plain(q4_conversion, isq_embeddings="Q8_0"))
+    assert err.value.param == "isq_embeddings"
     with pytest.raises(ConfigError, match="holds a 'llama' model"):
         load_checkpoint(ModelEntry(model_id="m", model=ModelSource(model_id=str(q4_conversion), arch="gemma3")))
 

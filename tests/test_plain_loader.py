@@ -108,6 +108,18 @@ def test_in_situ_quantization(llama):
         load_checkpoint(entry(path, in_situ_quant="Q3_NOPE"))
 
 
+def test_isq_embeddings(llama):
+    _, path = llama
+    checkpoint = load_checkpoint(entry(path, in_situ_quant="Q4_0", isq_embeddings="Q8_0"))
+    params = checkpoint.params
+    assert params["model"]["layers_0"]["mlp"]["up_proj"]["weight"].fmt == "Q4_0"
+    assert params["model"]["embed_tokens"]["weight"].fmt == "Q8_0"
+    assert "embedding and LM head in-situ quantized to Q8_0" in checkpoint.notes
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(entry(path, isq_embeddings="bf16"))
+    assert err.value.param == "isq_embeddings" and "unknown isq_embeddings 'bf16'" in err.value.message
+
+
 def test_missing_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(LoadError, match="no config.json"):

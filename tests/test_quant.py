@@ -231,7 +231,7 @@ def test_quantize_params_quantizes_linear_weights_only() -> None:
     for kept in (quantized["model"]["embed_tokens"]["weight"], quantized["lm_head"]["weight"],
                  quantized["model"]["norm"]["weight"], quantized["model"]["layers_0"]["input_layernorm"]["weight"]):
         assert not isinstance(kept, QArray) and kept.dtype == jnp.float32
-    with_tables = quantize_params(params, "Q4_0", embeddings=True)
+    with_tables = quantize_params(params, "Q4_0", embeddings="Q4_0")
     assert isinstance(with_tables["model"]["embed_tokens"]["weight"], QArray)
     assert isinstance(with_tables["lm_head"]["weight"], QArray)
     assert with_tables["lm_head"]["weight"].fmt == "Q4_0"
@@ -251,12 +251,26 @@ def test_quantize_params_quantizes_linear_weights_only() -> None:
     assert error(q8) < error(q4) < 0.5
 
 
+def test_embedding_scheme_is_separate_from_the_linear_one() -> None:
+    params, _ = _tiny_params()
+    tables_only = quantize_params(params, None, embeddings="q8_0")
+    embed, head = tables_only["model"]["embed_tokens"]["weight"], tables_only["lm_head"]["weight"]
+    assert (embed.fmt, head.fmt) == ("Q8_0", "Q8_0")
+    assert not isinstance(tables_only["model"]["layers_0"]["self_attn"]["q_proj"]["weight"], QArray)
+    mixed = quantize_params(params, "Q4_0", embeddings="Q8_0")
+    assert mixed["model"]["layers_1"]["mlp"]["up_proj"]["weight"].fmt == "Q4_0"
+    assert mixed["lm_head"]["weight"].fmt == "Q8_0"
+    with pytest.raises(ConfigError) as err:
+        quantize_params(params, "Q4_0", embeddings="F16")
+    assert err.value.param == "isq_embeddings" and "'F16'" in err.value.message and "Q8_0" in err.value.message
+
+
 def test_memory_accounting() -> None:
     params, config = _tiny_params()
     floats = param_bytes(params)
     assert floats == sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(params))
-    q8 = quantize_params(params, "Q8_0", embeddings=True)
-    q4 = quantize_params(params, "Q4_0", embeddings=True)
+    q8 = quantize_params(params, "Q8_0", embeddings="Q8_0")
+    q4 = quantize_params(params, "Q4_0", embeddings="Q4_0")
     norms = 64 * 4 * 5
     assert param_bytes(q8) == pytest.approx((floats - norms) * 8.5 / 32 + norms, rel=1e-6)
     assert param_bytes(q4) == pytest.approx((floats - norms) * 4.5 / 32 + norms, rel=1e-6)

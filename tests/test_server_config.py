@@ -62,6 +62,18 @@ def test_map_form_alias_and_model_id() -> None:
     assert entries[1].in_situ_quant == "Q4K"
 
 
+def test_isq_embeddings_in_every_front_door(tmp_path: Path) -> None:
+    (entry,) = parse_multi_model_config([{"model_id": "a", "model": {"Plain": {"model_id": "x"}},
+                                          "in_situ_quant": "Q4_0", "isq_embeddings": "Q8_0"}])
+    assert (entry.in_situ_quant, entry.isq_embeddings) == ("Q4_0", "Q8_0")
+    (entry,) = serve_config(["model=smollm2-135m", "quant=q4_0_embed_q8_0"]).models
+    assert (entry.in_situ_quant, entry.isq_embeddings) == ("Q4_0", "Q8_0")
+    # A preset that names only in_situ_quant leaves a field override of isq_embeddings alone.
+    (entry,) = serve_config(["model=smollm2-135m", "quant=q8_0", "model.isq_embeddings=Q8_0"]).models
+    assert (entry.in_situ_quant, entry.isq_embeddings) == ("Q8_0", "Q8_0")
+    assert serve_config(["model=smollm2-135m"]).models[0].isq_embeddings is None
+
+
 @pytest.mark.parametrize("data, words", [
     ([{"model_id": "a", "modle": {}}], ["entry 0", "unknown key 'modle'"]),
     ([{"model_id": "a", "model": {"Plain": {"model_idd": "x"}}}], ["entry 0 ('a')", "Plain", "'model_idd'"]),
@@ -70,6 +82,7 @@ def test_map_form_alias_and_model_id() -> None:
     ([{"model_id": "a", "model": {"Plain": {}, "Gguf": {}}}], ["entry 0 ('a')", "exactly one of"]),
     ([{"model_id": "a", "model": {"Onnx": {}}}], ["unknown model type 'Onnx'"]),
     ([{"model_id": "a", "num_device_layers": 8}], ["num_device_layers"]),
+    ([{"model_id": "a", "isq_embeddings": 8}], ["entry 0", "'isq_embeddings' must be a string"]),
     ({"label": {"Plain": {}}}, ["entry 'label'", "Plain.model_id"]),
     ({"label": {"Plain": {"model_id": "x"}, "aliass": "y"}}, ["entry 'label'", "unknown key 'aliass'"]),
     ([], ["no model entries"]),
@@ -103,6 +116,9 @@ def test_seed_cli_single_model_forms() -> None:
     # per-model options also after the subcommand, as mistral.rs's plain -d
     (entry,) = _cli("plain", "-m", "m", "--isq", "Q4K", "-c", "tpl.jinja", "-n", "0:16;1:14").models
     assert (entry.in_situ_quant, entry.chat_template, entry.num_device_layers) == ("Q4K", "tpl.jinja", ["0:16;1:14"])
+    assert entry.isq_embeddings is None
+    (entry,) = _cli("--isq-embeddings", "Q8_0", "plain", "-m", "m", "--isq", "Q4_0").models
+    assert (entry.in_situ_quant, entry.isq_embeddings) == ("Q4_0", "Q8_0")
 
 
 def test_seed_cli_multi_model(tmp_path: Path) -> None:

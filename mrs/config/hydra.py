@@ -102,9 +102,8 @@ def serve_config(overrides: Sequence[str] = ()) -> ServeConfig:
         entries.append(model_preset(str(name), overrides))
     if cfg.multi_model_config:
         entries.extend(load_multi_model_config(cfg.multi_model_config))
-    quant = _quant(cfg)
-    if quant is not None:
-        entries = [dataclasses.replace(e, in_situ_quant=quant) for e in entries]
+    quant = quant_fields(cfg)
+    entries = [dataclasses.replace(e, **quant) for e in entries]
     config = ServeConfig(
         server=OmegaConf.to_object(cfg.server),
         engine=OmegaConf.to_object(cfg.engine),
@@ -116,9 +115,19 @@ def serve_config(overrides: Sequence[str] = ()) -> ServeConfig:
     return config
 
 
-def _quant(cfg: DictConfig) -> str | None:
+QUANT_FIELDS = ("in_situ_quant", "isq_embeddings")
+
+
+def quant_fields(cfg: DictConfig) -> dict[str, str | None]:
+    """The ModelEntry fields a ``quant=<preset>`` choice sets on every model (those it names)."""
     quant: Any = cfg.get("quant")
-    return None if quant is None else str(quant.in_situ_quant)
+    if quant is None:
+        return {}
+    unknown = sorted(set(quant) - set(QUANT_FIELDS))
+    if unknown:
+        raise ConfigError(f"quant preset: unknown key(s) {', '.join(unknown)}; expected {', '.join(QUANT_FIELDS)}",
+                          param="quant")
+    return {k: None if quant[k] is None else str(quant[k]) for k in QUANT_FIELDS if k in quant}
 
 
 def _is_model_choice(override: str) -> bool:

@@ -26,10 +26,10 @@ _SPECS: dict[str, tuple[str, frozenset[str]]] = {
     "VisionPlain": (VISION_PLAIN, frozenset({"model_id", "arch", "dtype", "tok_model_id"})),
     "Gguf": (GGUF, frozenset({"quantized_model_id", "quantized_filename", "tok_model_id", "dtype"})),
 }
-# Entry-level options shared by both shapes (the last three are mrs extensions).
+# Entry-level options shared by both shapes (isq_embeddings and the last three are mrs extensions).
 _OPTIONS = frozenset({
     "chat_template", "jinja_explicit", "num_device_layers", "in_situ_quant",
-    "dtype", "dequantize_gguf", "tensor_parallel",
+    "isq_embeddings", "dtype", "dequantize_gguf", "tensor_parallel",
 })
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -162,7 +162,7 @@ def _dtype(value: Any, where: str) -> str | None:
 
 def _entry(model_id: str, source: ModelSource, dtype: str | None, item: dict, where: str) -> ModelEntry:
     entry = ModelEntry(model_id=model_id, model=source)
-    for key in ("chat_template", "jinja_explicit", "in_situ_quant"):
+    for key in ("chat_template", "jinja_explicit", "in_situ_quant", "isq_embeddings"):
         value = item.get(key)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {json.dumps(value)}", param=key)

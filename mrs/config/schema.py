@@ -34,6 +34,7 @@ class ModelEntry:
     jinja_explicit: str | None = None  # a jinja file; overrides every other template
     num_device_layers: list[str] | None = None  # mistral.rs syntax: ["N"] or ["0:16;1:14"]
     in_situ_quant: str | None = None  # Q4_0, Q8_0, Q4K, ... (see mrs.quant)
+    isq_embeddings: str | None = None  # same names, for the token embedding and LM head; None: as loaded
     dtype: str = "float32"  # float32 | bfloat16 | float16
     dequantize_gguf: bool = False  # expand GGUF tensors to dtype instead of keeping them packed
     tensor_parallel: int | None = None  # shard every layer over N devices instead

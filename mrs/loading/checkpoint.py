@@ -24,3 +24,4 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)  # e.g. "fallback chat template in use"
     placement: Placement = field(default_factory=Placement)  # the entry's devices; the engine lays params out
     in_situ_quant: str | None = None  # the scheme the linear weights were quantized to at load time
+    isq_embeddings: str | None = None  # likewise for the token embedding and LM head

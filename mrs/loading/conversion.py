@@ -5,7 +5,8 @@ Our counterpart of mistral.rs's UQFF. ``mrs convert`` loads a model entry once
 ``model_id`` is such a directory restores it without doing that work again.
 
     DIR/mrs-conversion.json  format and version, ModelConfig, EOS/BOS/add_bos, chat template,
-                             in_situ_quant, source, notes, and the parameters' layout (param_spec)
+                             in_situ_quant, isq_embeddings, source, notes, and the parameters'
+                             layout (param_spec)
     DIR/tokenizer/           tokenizer.save_pretrained
     DIR/params/              orbax-checkpoint PyTree (uncompressed: quantized blocks barely compress,
                              and restore speed is the point)
@@ -69,6 +70,7 @@ def save_conversion(checkpoint: Checkpoint, out: str | Path) -> Path:
         "version": VERSION,
         "source": checkpoint.source,
         "in_situ_quant": checkpoint.in_situ_quant,
+        "isq_embeddings": checkpoint.isq_embeddings,
         "config": dataclasses.asdict(checkpoint.config),
         "eos_token_ids": list(checkpoint.eos_token_ids),
         "bos_token_id": checkpoint.bos_token_id,
@@ -84,8 +86,8 @@ def save_conversion(checkpoint: Checkpoint, out: str | Path) -> Path:
 def load_conversion(entry: ModelEntry) -> Checkpoint:
     """The checkpoint in the conversion ``entry.model.model_id``, parameters on the default device.
 
-    The weights are served as converted: ``in_situ_quant``, when the entry gives one,
-    must store the same way as the conversion's (re-quantizing would compound rounding
+    The weights are served as converted: ``in_situ_quant`` and ``isq_embeddings``, when
+    the entry gives them, must store the same way as the conversion's (re-quantizing would compound rounding
     silently); the conversion's dtype wins over the entry's, with a note when they differ.
     """
     root = Path(str(entry.model.model_id)).expanduser().resolve()
@@ -108,6 +110,7 @@ def load_conversion(entry: ModelEntry) -> Checkpoint:
         source=f"{root} (mrs conversion)",
         notes=notes,
         in_situ_quant=meta["in_situ_quant"],
+        isq_embeddings=meta.get("isq_embeddings"),  # absent from conversions written before it existed
     )
 
 
@@ -156,12 +159,13 @@ def _check_entry(entry: ModelEntry, meta: dict[str, Any], config: ModelConfig, r
     if entry.model.arch and entry.model.arch != config.arch:
         raise ConfigError(f"model {entry.model_id!r}: arch {entry.model.arch!r}, but {root} holds a "
                           f"{config.arch!r} model", param="model.arch")
-    wanted, stored = entry.in_situ_quant, meta["in_situ_quant"]
-    if wanted and (stored is None or resolve_scheme(wanted) != resolve_scheme(stored)):
-        done = f"in_situ_quant={stored}" if stored else "no in_situ_quant"
-        raise ConfigError(
-            f"model {entry.model_id!r}: {root} was converted with {done}, the entry asks for "
-            f"in_situ_quant={wanted}; drop in_situ_quant to serve the conversion as it is, or convert "
-            f"again with model.in_situ_quant={wanted}",
-            param="in_situ_quant",
-        )
+    for field in ("in_situ_quant", "isq_embeddings"):
+        wanted, stored = getattr(entry, field), meta.get(field)
+        if wanted and (stored is None or resolve_scheme(wanted, field) != resolve_scheme(stored, field)):
+            done = f"{field}={stored}" if stored else f"no {field}"
+            raise ConfigError(
+                f"model {entry.model_id!r}: {root} was converted with {done}, the entry asks for "
+                f"{field}={wanted}; drop {field} to serve the conversion as it is, or convert "
+                f"again with model.{field}={wanted}",
+                param=field,
+            )

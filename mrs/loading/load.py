@@ -22,8 +22,11 @@ from mrs.sharding.placement import Placement, resolve_placement
 
 def load_checkpoint(entry: ModelEntry) -> Checkpoint:
     kind = entry.model.kind
+    # A bad scheme name fails before any weight is read.
     if entry.in_situ_quant:
-        resolve_scheme(entry.in_situ_quant)  # a bad scheme name fails before any weight is read
+        resolve_scheme(entry.in_situ_quant)
+    if entry.isq_embeddings:
+        resolve_scheme(entry.isq_embeddings, "isq_embeddings")
     converted = kind == PLAIN and is_conversion(entry.model.model_id)
     if converted:
         checkpoint = load_conversion(entry)
@@ -41,10 +44,16 @@ def load_checkpoint(entry: ModelEntry) -> Checkpoint:
     checkpoint.placement = entry_placement(entry, checkpoint.config)
     if checkpoint.placement != Placement():
         checkpoint.notes.append(f"placement: {checkpoint.placement.describe()}")
-    if entry.in_situ_quant and not converted:  # a conversion is stored quantized (load_conversion checks how)
-        checkpoint.params = quantize_params(checkpoint.params, entry.in_situ_quant)
-        checkpoint.in_situ_quant = entry.in_situ_quant
-        checkpoint.notes.append(f"in-situ quantized to {entry.in_situ_quant}")
+    # A conversion is stored quantized (load_conversion checks how).
+    if (entry.in_situ_quant or entry.isq_embeddings) and not converted:
+        checkpoint.params = quantize_params(checkpoint.params, entry.in_situ_quant or None,
+                                            embeddings=entry.isq_embeddings or None)
+        if entry.in_situ_quant:
+            checkpoint.in_situ_quant = entry.in_situ_quant
+            checkpoint.notes.append(f"in-situ quantized to {entry.in_situ_quant}")
+        if entry.isq_embeddings:
+            checkpoint.isq_embeddings = entry.isq_embeddings
+            checkpoint.notes.append(f"embedding and LM head in-situ quantized to {entry.isq_embeddings}")
     selected = select_chat_template(entry, checkpoint.chat_template)
     if selected.origin != "checkpoint":
         checkpoint.notes.append(f"chat template: {selected.origin}")

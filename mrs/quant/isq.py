@@ -1,4 +1,5 @@
-"""In-situ quantization (ISQ): quantize a loaded float model's linear weights at load time.
+"""In-situ quantization (ISQ): quantize a loaded model's linear weights at load time,
+and its token embedding and LM head when asked (``isq_embeddings``).
 
 Accepts mistral.rs's names. Each name maps to one of our storages (see
 ``mrs.quant.qarray``); where names share a representation we say so here:
@@ -56,20 +57,19 @@ SCHEMES: dict[str, T] = {
     "8": T.Q8_0,
 }
 
-# Modules whose 2-D "weight" is a table or the LM head, left in the model dtype by default.
+# Modules whose 2-D "weight" is the token table or the LM head: ``quantize_params``'s
+# ``embeddings`` scheme, not ``scheme``, applies to them (none by default).
 EMBEDDING_MODULES = ("embed_tokens", "wte", "lm_head")
 POSITION_TABLES = ("wpe",)  # never quantized: tiny, and read by absolute position
 
 
-def resolve_scheme(name: str) -> T:
-    """The ggml type an ISQ name quantizes to, or a ConfigError listing the valid names."""
+def resolve_scheme(name: str, field: str = "in_situ_quant") -> T:
+    """The ggml type an ISQ name quantizes to, or a ConfigError naming ``field`` and the valid names."""
     key = str(name).strip()
     if key.upper() in SCHEMES:
         key = key.upper()
     if key not in SCHEMES:
-        raise ConfigError(
-            f"unknown in_situ_quant {name!r}; valid: {', '.join(SCHEMES)}", param="in_situ_quant"
-        )
+        raise ConfigError(f"unknown {field} {name!r}; valid: {', '.join(SCHEMES)}", param=field)
     return SCHEMES[key]
 
 
@@ -87,32 +87,37 @@ def quantize_array(w: Any, scheme: str | T, *, fmt: str | None = None) -> QArray
     return to_device(packed)
 
 
-def is_linear_weight(path: tuple[str, ...], value: Any, *, embeddings: bool) -> bool:
-    """Whether the leaf at ``path`` (names from the root) is a linear layer's ``[out, in]`` weight."""
+def quantizable_group(path: tuple[str, ...], value: Any) -> str | None:
+    """``"linear"`` for a linear layer's ``[out, in]`` weight, ``"embeddings"`` for the token
+    table or LM head, None for anything else (norms, biases, position tables)."""
     if path[-1] != "weight" or len(getattr(value, "shape", ())) != 2 or len(path) < 2:
-        return False
+        return None
     module = path[-2]
     if module in POSITION_TABLES:
-        return False
-    return embeddings or module not in EMBEDDING_MODULES
+        return None
+    return "embeddings" if module in EMBEDDING_MODULES else "linear"
 
 
-def quantize_params(params: dict, scheme: str, *, embeddings: bool = False) -> dict:
-    """The params tree with every linear weight (attention, MLP) quantized to ``scheme``.
+def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None = None) -> dict:
+    """The params tree with every linear weight (attention, MLP) quantized to ``scheme``
+    and the token embedding and LM head (one table when tied) to ``embeddings``.
 
-    Embeddings, norms and the LM head keep the model dtype (as mistral.rs does)
-    unless ``embeddings=True``. The tree alone says which leaves are linear
-    weights (2-D ``weight`` leaves outside the tables), for every family. A weight whose input dim is not a multiple of the
-    block size (32) stays in float.
+    Either may be None: that group stays as loaded (mistral.rs keeps the tables in the
+    model dtype; llama.cpp's Q4 files usually hold them in Q8_0 or Q6_K). Norms stay
+    float. The tree alone says which leaves are which (2-D ``weight`` leaves, by module
+    name), for every family. A weight whose input dim is not a multiple of the block
+    size (32) stays as it is.
     """
-    ggml_type = resolve_scheme(scheme)
-    block = gguf.GGML_QUANT_SIZES[ggml_type][0]
-    label = str(scheme).strip().upper()
+    targets = {
+        "linear": None if scheme is None else (resolve_scheme(scheme), _label(scheme)),
+        "embeddings": None if embeddings is None else (resolve_scheme(embeddings, "isq_embeddings"), _label(embeddings)),
+    }
 
     def convert(path: tuple[str, ...], value: Any) -> Any:
-        if not is_linear_weight(path, value, embeddings=embeddings) or value.shape[-1] % block:
+        target = targets.get(quantizable_group(path, value) or "")
+        if target is None or value.shape[-1] % gguf.GGML_QUANT_SIZES[target[0]][0]:
             return value
-        return quantize_array(value, ggml_type, fmt=label)
+        return quantize_array(value, target[0], fmt=target[1])
 
     def walk(node: Any, path: tuple[str, ...]) -> Any:
         if isinstance(node, dict):
@@ -120,6 +125,10 @@ def quantize_params(params: dict, scheme: str, *, embeddings: bool = False) -> d
         return convert(path, node)
 
     return walk(params, ())
+
+
+def _label(scheme: str) -> str:
+    return str(scheme).strip().upper()
 
 
 def tree_quant_summary(params: dict) -> dict[str, int]:
