@@ -77,6 +77,7 @@ def test_isq_quality_on_real_text(smollm2) -> None:
     q8 = teacher_forced(model, quantize_params(dense, "Q8_0"), checkpoint.config, tokens)
     assert q8.agreement(reference) >= 0.97
     assert abs(q8.perplexity / reference.perplexity - 1) < 0.02
+    assert 0 < q8.kl_from(reference) < 0.01 and reference.kl_from(reference) == 0
     assert reference.perplexity < 40  # the model reads English: a broken forward would not
 
 

@@ -1,4 +1,4 @@
-"""Quantization quality and speed on SmolLM2-135M: float32 vs ISQ vs the GGUF as shipped.
+"""Quantization quality, size and speed on SmolLM2-135M: float32 vs ISQ vs the GGUF as shipped.
 
     python tools/bench_quant.py [--tokens 512] [--steps 32] [--batches 1 16]
 
@@ -7,8 +7,12 @@ when present, else the demo GGUF expanded to float32 (the same weights the GGUF
 rows are quantized from, so agreement isolates the quantization). Agreement and
 perplexity are teacher-forced over ``--tokens`` tokens of tests/data's public-domain
 text (the demo's float weights are themselves the Q4_1 grid, so Q4_1-family
-ISQ recovers them almost exactly while Q4_0 compounds two roundings); decode tok/s is a jitted one-token step with a donated cache, ``--steps``
-steps after a warm-up, tokens fed back on device.
+ISQ recovers them almost exactly while Q4_0 compounds two roundings); KL is the mean
+KL divergence (nats) of each next-token distribution from float32's, the least noisy
+of the three. "reference quantizer" rows quantize with gguf-py's max-abs quantizer
+instead of mrs's least-squares search (``mrs.quant.blockfit``); "quantize s" is the
+wall time of quantizing the float32 tree. Decode tok/s is a jitted one-token step
+with a donated cache, ``--steps`` steps after a warm-up, tokens fed back on device.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf
 import jax
 import jax.numpy as jnp
 
@@ -41,7 +46,9 @@ class Row:
     name: str
     mb: float
     share: float  # of float32's bytes
+    quantize_s: float
     agreement: float
+    kl: float
     ppl: float
     ppl_delta: float
     tok_s: dict[int, float]
@@ -99,41 +106,46 @@ def main() -> None:
     if len(tokens) < args.tokens + 1:
         raise SystemExit(f"{TEXT} has only {len(tokens)} tokens; lower --tokens")
 
+    reference = gguf.quants.quantize
     variants: list[tuple[str, Callable[[], Any]]] = [
         ("float32", lambda: dense),
+        ("ISQ Q8_0, reference quantizer", lambda: quantize_params(dense, "Q8_0", quantizer=reference)),
         ("ISQ Q8_0", lambda: quantize_params(dense, "Q8_0")),
+        ("ISQ Q8_0, isq_embeddings Q8_0", lambda: quantize_params(dense, "Q8_0", embeddings="Q8_0")),
+        ("ISQ Q4_0, reference quantizer", lambda: quantize_params(dense, "Q4_0", quantizer=reference)),
         ("ISQ Q4_0", lambda: quantize_params(dense, "Q4_0")),
+        ("ISQ Q4_0, isq_embeddings Q8_0", lambda: quantize_params(dense, "Q4_0", embeddings="Q8_0")),
         ("ISQ Q4K (= Q4_1)", lambda: quantize_params(dense, "Q4K")),
-        ("ISQ Q8_0 + embeddings", lambda: quantize_params(dense, "Q8_0", embeddings=True)),
-        ("ISQ Q4_0 + embeddings", lambda: quantize_params(dense, "Q4_0", embeddings=True)),
-        ("ISQ Q4K + embeddings", lambda: quantize_params(dense, "Q4K", embeddings=True)),
+        ("ISQ Q4K, isq_embeddings Q8_0", lambda: quantize_params(dense, "Q4K", embeddings="Q8_0")),
+        ("ISQ Q4K, isq_embeddings Q4K", lambda: quantize_params(dense, "Q4K", embeddings="Q4K")),
         ("GGUF as shipped (Q4_1, Q8_0 embeddings)", lambda: shipped.params),
     ]
     print(f"float32 model: {source}; {len(tokens) - 1} scored tokens; device {jax.devices()[0]}", flush=True)
     rows: list[Row] = []
-    reference: TeacherForced | None = None
+    baseline: TeacherForced | None = None
     base_bytes = param_bytes(dense)
     for name, make in variants:
         start = time.perf_counter()
         params = make()
         build_s = time.perf_counter() - start
         scored = teacher_forced(model, params, config, tokens)
-        reference = reference or scored
+        baseline = baseline or scored
         speeds = {b: decode_tok_s(model, params, config, b, args.steps) for b in args.batches}
         rows.append(Row(
-            name, param_bytes(params) / 2**20, param_bytes(params) / base_bytes,
-            scored.agreement(reference), scored.perplexity,
-            scored.perplexity / reference.perplexity - 1, speeds,
+            name, param_bytes(params) / 2**20, param_bytes(params) / base_bytes, build_s,
+            scored.agreement(baseline), scored.kl_from(baseline), scored.perplexity,
+            scored.perplexity / baseline.perplexity - 1, speeds,
         ))
-        print(f"  {name}: built in {build_s:.1f}s, {rows[-1]}", flush=True)
+        print(f"  {rows[-1]}", flush=True)
 
     speed_cols = " | ".join(f"decode tok/s b={b}" for b in args.batches)
-    print(f"\n| variant | params MB | % of f32 | top-1 agreement | perplexity | ppl vs f32 | {speed_cols} |")
-    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(args.batches))
+    print(f"\n| variant | params MB | % of f32 | quantize s | top-1 agreement | KL vs f32 | perplexity | "
+          f"ppl vs f32 | {speed_cols} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.batches))
     for r in rows:
         speeds = " | ".join(f"{r.tok_s[b]:.1f}" for b in args.batches)
-        print(f"| {r.name} | {r.mb:.1f} | {r.share:.1%} | {r.agreement:.1%} | {r.ppl:.3f} | "
-              f"{r.ppl_delta:+.2%} | {speeds} |")
+        print(f"| {r.name} | {r.mb:.1f} | {r.share:.1%} | {r.quantize_s:.1f} | {r.agreement:.1%} | {r.kl:.4f} | "
+              f"{r.ppl:.3f} | {r.ppl_delta:+.2%} | {speeds} |")
 
 
 if __name__ == "__main__":

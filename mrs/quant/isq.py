@@ -30,7 +30,7 @@ it), repacked by ``mrs.quant.ggml``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import jax
@@ -73,13 +73,20 @@ def resolve_scheme(name: str, field: str = "in_situ_quant") -> T:
     return SCHEMES[key]
 
 
-def quantize_array(w: Any, scheme: str | T, *, fmt: str | None = None) -> QArray:
-    """A float ``[..., in]`` array (or a QArray, re-quantized) as a device QArray."""
+# A block quantizer: float ``[..., in]`` values -> ggml blocks ``[rows, bytes]`` (gguf-py's signature).
+Quantizer = Callable[[np.ndarray, T], np.ndarray]
+
+
+def quantize_array(w: Any, scheme: str | T, *, fmt: str | None = None, quantizer: Quantizer = quantize) -> QArray:
+    """A float ``[..., in]`` array (or a QArray, re-quantized) as a device QArray.
+
+    ``quantizer`` may be gguf-py's reference ``gguf.quants.quantize`` (for comparisons).
+    """
     ggml_type = scheme if isinstance(scheme, T) else resolve_scheme(scheme)
     if isinstance(w, QArray):
         w = w.dequantize()
     values = np.asarray(w, dtype=np.float32)
-    packed = repack(quantize(values, ggml_type), ggml_type, values.shape)
+    packed = repack(quantizer(values, ggml_type), ggml_type, values.shape)
     if fmt is not None:
         packed = QArray(packed.data, packed.scale, packed.min, **{**packed.meta(), "fmt": fmt})
     # Uncommitted (default device): committed params made jitted CPU decode steps ~20x
@@ -98,7 +105,8 @@ def quantizable_group(path: tuple[str, ...], value: Any) -> str | None:
     return "embeddings" if module in EMBEDDING_MODULES else "linear"
 
 
-def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None = None) -> dict:
+def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None = None,
+                    quantizer: Quantizer = quantize) -> dict:
     """The params tree with every linear weight (attention, MLP) quantized to ``scheme``
     and the token embedding and LM head (one table when tied) to ``embeddings``.
 
@@ -106,7 +114,7 @@ def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None 
     model dtype; llama.cpp's Q4 files usually hold them in Q8_0 or Q6_K). Norms stay
     float. The tree alone says which leaves are which (2-D ``weight`` leaves, by module
     name), for every family. A weight whose input dim is not a multiple of the block
-    size (32) stays as it is.
+    size (32) stays as it is. ``quantizer`` as in ``quantize_array``.
     """
     targets = {
         "linear": None if scheme is None else (resolve_scheme(scheme), _label(scheme)),
@@ -117,7 +125,7 @@ def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None 
         target = targets.get(quantizable_group(path, value) or "")
         if target is None or value.shape[-1] % gguf.GGML_QUANT_SIZES[target[0]][0]:
             return value
-        return quantize_array(value, target[0], fmt=target[1])
+        return quantize_array(value, target[0], fmt=target[1], quantizer=quantizer)
 
     def walk(node: Any, path: tuple[str, ...]) -> Any:
         if isinstance(node, dict):
