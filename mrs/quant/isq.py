@@ -116,10 +116,7 @@ def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None 
     name), for every family. A weight whose input dim is not a multiple of the block
     size (32) stays as it is. ``quantizer`` as in ``quantize_array``.
     """
-    targets = {
-        "linear": None if scheme is None else (resolve_scheme(scheme), _label(scheme)),
-        "embeddings": None if embeddings is None else (resolve_scheme(embeddings, "isq_embeddings"), _label(embeddings)),
-    }
+    targets = {"linear": _target(scheme, "in_situ_quant"), "embeddings": _target(embeddings, "isq_embeddings")}
 
     def convert(path: tuple[str, ...], value: Any) -> Any:
         target = targets.get(quantizable_group(path, value) or "")
@@ -135,8 +132,11 @@ def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None 
     return walk(params, ())
 
 
-def _label(scheme: str) -> str:
-    return str(scheme).strip().upper()
+def _target(scheme: str | None, field: str) -> tuple[T, str] | None:
+    """The ggml type and format label a scheme name stands for; None leaves the group alone."""
+    if scheme is None:
+        return None
+    return resolve_scheme(scheme, field), str(scheme).strip().upper()
 
 
 def tree_quant_summary(params: dict) -> dict[str, int]:
