@@ -89,8 +89,8 @@ def quantize_array(w: Any, scheme: str | T, *, fmt: str | None = None, quantizer
     packed = repack(quantizer(values, ggml_type), ggml_type, values.shape)
     if fmt is not None:
         packed = QArray(packed.data, packed.scale, packed.min, **{**packed.meta(), "fmt": fmt})
-    # Uncommitted (default device): committed params made jitted CPU decode steps ~20x
-    # slower in our measurements. Placement and sharding come after, in mrs.sharding.
+    # Uncommitted (default device): committed params change the warmed-up steps' input
+    # signature, so they compile again on the first request. Placement comes after.
     return to_device(packed)
 
 
