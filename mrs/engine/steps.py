@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample
 from mrs.models.config import ModelConfig
@@ -200,6 +199,3 @@ class Steps:
             seen=state.seen.at[slots, tokens].set(state.seen[slots, tokens] | active),
         )
         return state, out
-
-    def state_bytes(self, state: DecodeState) -> int:
-        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
