@@ -23,7 +23,7 @@ Array = jax.Array
 
 
 class DecodeState(NamedTuple):
-    cache: KVCache  # per layer (k, v), each [B, Hkv, S, D]
+    cache: KVCache  # per layer (k [B, Hkv, D, S], v [B, Hkv, S, D])
     tokens: Array  # int32 [B]: last sampled token, the next decode input
     positions: Array  # int32 [B]: position of that token
     step: Array  # int32 [B]: tokens generated so far (indexes the PRNG stream)

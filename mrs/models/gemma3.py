@@ -32,12 +32,11 @@ from mrs.models.layers import (
     RMSNorm,
     Stage,
     apply_rope,
-    attend,
+    cached_attention,
     layer_window,
     rope_inv_freq,
     run_stage,
     stage_layers,
-    update_cache,
 )
 
 Array = jax.Array
@@ -62,14 +61,13 @@ class Attention(nn.Module):
         else:
             inv_freq = rope_inv_freq(c, c.rope_theta, scaled=True)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_cache, v_cache = update_cache(cache[0], k, positions), update_cache(cache[1], v, positions)
         scalar = c.query_pre_attn_scalar or c.head_dim
-        out = attend(
-            q, k_cache, v_cache, positions,
+        out, cache = cached_attention(
+            q, k, v, cache, positions,
             scale=scalar**-0.5, window=layer_window(c, self.layer),
             softcap=c.attn_logit_softcapping, kv_len=kv_len,
         )
-        return Linear(c.attention_bias, name="o_proj")(out), (k_cache, v_cache)
+        return Linear(c.attention_bias, name="o_proj")(out), cache
 
 
 class DecoderLayer(nn.Module):

@@ -30,11 +30,10 @@ from mrs.models.layers import (
     LayerNorm,
     Linear,
     Stage,
-    attend,
+    cached_attention,
     dense_weight,
     run_stage,
     stage_layers,
-    update_cache,
     weight,
 )
 
@@ -58,10 +57,9 @@ class Attention(nn.Module):
         batch, steps, _ = x.shape
         qkv = Linear(True, name="c_attn")(x).reshape(batch, steps, 3, c.num_heads, c.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        k_cache, v_cache = update_cache(cache[0], k, positions), update_cache(cache[1], v, positions)
         scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-        out = attend(q, k_cache, v_cache, positions, scale=scale, window=None, kv_len=kv_len)
-        return Linear(True, name="c_proj")(out), (k_cache, v_cache)
+        out, cache = cached_attention(q, k, v, cache, positions, scale=scale, window=None, kv_len=kv_len)
+        return Linear(True, name="c_proj")(out), cache
 
 
 class MLP(nn.Module):

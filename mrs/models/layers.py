@@ -17,6 +17,7 @@ Conventions (every family follows them, see DESIGN.md "Contracts"):
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrs.models.config import SLIDING, ModelConfig
+from mrs.quant import native
 
 Array = jax.Array
 KVCache = tuple[tuple[Array, Array], ...]
@@ -162,43 +164,68 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     return rotated.astype(x.dtype)
 
 
-def update_cache(cache: Array, new: Array, positions: Array) -> Array:
-    """Write ``new [b, T, H, D]`` into ``cache [B, H, S, D]`` at rows ``positions [b, T]``.
-
-    ``b <= B``: a step may run only the first ``b`` slots (the engine's decode does
-    when the others are idle); the remaining slots are left as they are.
-    """
-    batch = jnp.arange(new.shape[0])[:, None]
-    # Advanced indices around a slice: the indexed view is [b, T, H, D], like ``new``.
-    return cache.at[batch, :, positions].set(new.astype(cache.dtype), mode="drop")
-
-
-def attend(
+def cached_attention(
     q: Array,
-    k_cache: Array,
-    v_cache: Array,
+    k: Array,
+    v: Array,
+    cache: tuple[Array, Array],
     positions: Array,
     *,
     scale: float,
     window: int | None,
     softcap: float | None = None,
     kv_len: int | None = None,
-) -> Array:
-    """Attention of ``q [B, T, H, D]`` over the cache ``[B, Hkv, S, D]``; returns ``[B, T, H * D]``.
+) -> tuple[Array, tuple[Array, Array]]:
+    """One layer's attention through its KV cache: writes the new ``k``/``v`` ``[b, T, Hkv, D]``
+    at ``positions [b, T]``, then attends ``q [b, T, H, D]``; returns ``[b, T, H * D]`` and the cache.
 
-    ``kv_len`` (static) limits attention to the first ``kv_len`` cache rows, so a
-    decode step over short sequences does not read the whole cache.
+    The cache is ``(k [B, Hkv, D, S], v [B, Hkv, S, D])``: keys are stored transposed so
+    that ``q . k`` reads them as a plain ``[D, S]`` matrix (XLA CPU copied ``[S, D]``
+    keys into that order for every layer). ``kv_len`` (static) limits attention to the
+    first ``kv_len`` cache rows, so a step over short sequences does not read the whole
+    cache. ``b <= B``: a step may run only the first ``b`` slots (the engine's decode does
+    when the others are idle); the remaining slots are left as they are.
+    A decode step (``T == 1``) on CPU reads the cache in place through the native kernel.
     """
-    if kv_len is not None:
-        k_cache, v_cache = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+    batch_ids = jnp.arange(k.shape[0])[:, None]
+    # Advanced indices around slices: both indexed views are [b, T, Hkv, D], like k and v.
+    k_cache = cache[0].at[batch_ids, :, :, positions].set(k.astype(cache[0].dtype), mode="drop")
+    v_cache = cache[1].at[batch_ids, :, positions].set(v.astype(cache[1].dtype), mode="drop")
+    kv_len = min(kv_len or v_cache.shape[2], v_cache.shape[2])
+    args = (q, k_cache, v_cache, positions)
+    xla = partial(_attend, scale=scale, window=window, softcap=softcap, kv_len=kv_len)
+    if q.shape[1] == 1 and _native_decode_ok(q, k_cache, v_cache) and native.available():
+        out = native.cpu_or_xla(partial(_native_decode, scale=scale, window=window, softcap=softcap, kv_len=kv_len),
+                                xla, *args)
+    else:
+        out = xla(*args)
+    return out, (k_cache, v_cache)
+
+
+def _native_decode_ok(q: Array, k_cache: Array, v_cache: Array) -> bool:
+    return all(a.dtype == jnp.float32 for a in (q, k_cache, v_cache)) and q.shape[3] % 8 == 0
+
+
+def _native_decode(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale: float,
+                   window: int | None, softcap: float | None, kv_len: int) -> Array:
+    batch, _, heads, dim = q.shape
+    grouped = q.reshape(batch, k_cache.shape[1], heads // k_cache.shape[1], dim)
+    out = native.decode_attention(grouped, k_cache, v_cache, positions[:, 0], kv_len=kv_len, window=window,
+                                  scale=scale, softcap=softcap)
+    return out.reshape(batch, 1, heads * dim)
+
+
+def _attend(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale: float, window: int | None,
+            softcap: float | None, kv_len: int) -> Array:
     batch, steps, heads, dim = q.shape
-    k_cache, v_cache = k_cache[:batch], v_cache[:batch]  # queries for the first slots only
+    # The first kv_len rows of the first slots (those with queries).
+    k_cache, v_cache = k_cache[:batch, ..., :kv_len], v_cache[:batch, :, :kv_len]
     kv_heads = k_cache.shape[1]
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bkds->bkgts", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    key_pos = jnp.arange(k_cache.shape[2])[None, None, :]
+    key_pos = jnp.arange(kv_len)[None, None, :]
     query_pos = positions[:, :, None]
     valid = key_pos <= query_pos
     if window is not None:
@@ -222,10 +249,11 @@ def stage_layers(config: ModelConfig, stage: Stage) -> range:
 
 
 def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = None, stage: Stage = None) -> KVCache:
-    """A zeroed KV cache: one ``(k, v)`` pair per layer (of ``stage``)."""
-    shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
+    """A zeroed KV cache: one ``(k [B, Hkv, D, S], v [B, Hkv, S, D])`` pair per layer (of ``stage``)."""
+    k_shape = (batch, config.num_kv_heads, config.head_dim, max_seq_len)
+    v_shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
     dtype = dtype or config.jnp_dtype
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in stage_layers(config, stage))
+    return tuple((jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in stage_layers(config, stage))
 
 
 def run_stage(

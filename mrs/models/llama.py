@@ -20,12 +20,11 @@ from mrs.models.layers import (
     RMSNorm,
     Stage,
     apply_rope,
-    attend,
+    cached_attention,
     layer_window,
     rope_inv_freq,
     run_stage,
     stage_layers,
-    update_cache,
 )
 
 Array = jax.Array
@@ -44,12 +43,10 @@ class Attention(nn.Module):
         v = Linear(c.attention_bias, name="v_proj")(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
         inv_freq = rope_inv_freq(c, c.rope_theta, scaled=True)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_cache, v_cache = update_cache(cache[0], k, positions), update_cache(cache[1], v, positions)
-        out = attend(
-            q, k_cache, v_cache, positions,
-            scale=c.head_dim**-0.5, window=layer_window(c, self.layer), kv_len=kv_len,
+        out, cache = cached_attention(
+            q, k, v, cache, positions, scale=c.head_dim**-0.5, window=layer_window(c, self.layer), kv_len=kv_len
         )
-        return Linear(name="o_proj")(out), (k_cache, v_cache)
+        return Linear(name="o_proj")(out), cache
 
 
 class DecoderLayer(nn.Module):

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrs.quant import native
+
 Array = jax.Array
 
 
@@ -86,14 +88,22 @@ class QArray:
         return self._float(self._all_values(), self.scale, self.min, dtype).reshape(self.shape)
 
     def linear(self, x: Array) -> Array:
-        """``x @ w.T`` for a 2-D ``[out, in]`` weight; dequantizes inside the caller's jit.
+        """``x @ w.T`` for a 2-D ``[out, in]`` weight.
 
-        A 2-D matmul on purpose: with jax 0.10's XLA CPU a 3-D einsum over the
+        Decode-sized ``x`` on CPU goes to the native kernel (``mrs.quant.native``),
+        which reads the packed blocks; otherwise XLA dequantizes inside the caller's
+        jit. A 2-D matmul on purpose: with jax 0.10's XLA CPU a 3-D einsum over the
         expanded weight ran 10x slower in isolation (it fuses the dequantization
         into a strided matrix-vector loop).
         """
         out, inner = self.shape
-        y = x.reshape(-1, inner) @ self.dequantize(x.dtype).T
+        flat = x.reshape(-1, inner)
+        xla = lambda a: a @ self.dequantize(a.dtype).T  # noqa: E731
+        if (flat.dtype == jnp.float32 and flat.shape[0] <= native.MAX_ROWS and self.block in (16, 32)
+                and native.available()):
+            y = native.cpu_or_xla(lambda a: native.qmatmul(a, self), xla, flat)
+        else:
+            y = xla(flat)
         return y.reshape(*x.shape[:-1], out)
 
     def take_rows(self, ids: Array, dtype: Any) -> Array:

@@ -93,6 +93,6 @@ def shard_params(params: dict, mesh: Mesh) -> dict:
 
 
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
-    """For KV cache arrays (or their shapes) ``[B, Hkv, S, D]``: split over kv heads
+    """For KV cache arrays (or their shapes) ``[B, Hkv, D, S]`` and ``[B, Hkv, S, D]``: split over kv heads
     (replicated if they do not divide)."""
     return jax.tree.map(lambda a: NamedSharding(mesh, _split(a.shape, 1, mesh)), cache)

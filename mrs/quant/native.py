@@ -1,0 +1,123 @@
+"""Native CPU kernels (``csrc/*.cc``): built on first use, called from jit as XLA FFI targets.
+
+- ``qmatmul``: ``x @ w.T`` for a QArray ``w``, reading the packed blocks directly
+  (``QArray.linear`` uses it for up to ``MAX_ROWS`` activation rows; prefill's
+  larger matmuls stay with XLA, which dequantizes once and runs a GEMM).
+- ``decode_attention``: one query per slot over the KV cache, read in place
+  (``mrs.models.layers.cached_attention`` uses it for decode steps).
+
+The sources are compiled once per machine with the system's C++ compiler against
+the XLA FFI headers that ship with jaxlib, cached under ``~/.cache/mrs/kernels``
+(keyed by the sources, jaxlib's version, the compiler and the CPU's flags), and
+registered for the CPU platform. Callers dispatch with ``lax.platform_dependent``,
+so other backends keep the XLA path. Where the kernels cannot be built (not x86-64
+with AVX2/FMA/F16C, no compiler) or ``MRS_NATIVE_KERNELS=0`` is set, callers keep
+XLA's own ops: the same numbers to float rounding, slower at batch 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cc"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+CACHE_DIR = Path.home() / ".cache" / "mrs" / "kernels"
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+# Rows of activations up to which qmatmul beats XLA's dequantize-then-GEMM.
+MAX_ROWS = 32
+# FFI target name -> the handler symbol the library exports.
+TARGETS = {"mrs_qmatmul": "MrsQMatmul", "mrs_decode_attention": "MrsDecodeAttention"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build(compiler: str, out_dir: Path = CACHE_DIR) -> Path:
+    """Compile the kernels into one shared library (or reuse the cached one); its path."""
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+    digest = hashlib.sha256()
+    for part in [*(p.read_bytes() for p in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),
+                 " ".join(flags).encode(), " ".join(sorted(_cpu_flags())).encode()]:
+        digest.update(part + b"\0")
+    library = out_dir / f"mrs-kernels-{digest.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # build aside, then rename: safe across processes
+        partial = Path(tmp) / library.name
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(partial)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"compiling {', '.join(p.name for p in SOURCES)} failed:\n{result.stderr[-4000:]}")
+        os.replace(partial, library)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built and registered (tried once per process)."""
+    if os.environ.get("MRS_NATIVE_KERNELS", "1") == "0":
+        return False
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+    compiler = _compiler()
+    if platform.machine() not in ("x86_64", "AMD64") or missing or compiler is None:
+        log.info("native CPU kernels off (cpu %s, missing flags %s, compiler %s); using XLA's ops",
+                 platform.machine(), missing or "none", compiler)
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build(compiler)))
+    except (OSError, RuntimeError) as error:
+        log.warning("native CPU kernels unavailable, using XLA's ops: %s", error)
+        return False
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True
+
+
+def cpu_or_xla(native: Any, xla: Any, *args: Any) -> Any:
+    """``native(*args)`` when compiling for CPU, ``xla(*args)`` for other backends."""
+    return jax.lax.platform_dependent(*args, cpu=native, default=xla)
+
+
+def qmatmul(x: jax.Array, q: Any) -> jax.Array:
+    """``x [m, in] @ q.T`` for a 2-D QArray ``q`` with blocks of 16 or 32, float32 in and out."""
+    min_ = q.min if q.min is not None else jnp.zeros((0,), jnp.float32)
+    call = jax.ffi.ffi_call("mrs_qmatmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32))
+    return call(x, q.data, q.scale, min_, bits=np.int32(q.bits), zero=np.int32(q.zero))
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, *, kv_len: int,
+                     window: int | None, scale: float, softcap: float | None) -> jax.Array:
+    """Attention of ``q [b, Hkv, G, D]`` (one query per slot, at ``positions [b]``) over the
+    first ``b`` slots of keys ``[B, Hkv, D, S]`` and values ``[B, Hkv, S, D]``, all float32;
+    returns ``[b, Hkv, G, D]``."""
+    call = jax.ffi.ffi_call("mrs_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_cache, v_cache, positions.astype(jnp.int32), kv_len=np.int64(kv_len),
+                window=np.int64(window or 0), scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
