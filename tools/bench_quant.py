@@ -118,6 +118,8 @@ def main() -> None:
         ("ISQ Q4K (= Q4_1)", lambda: quantize_params(dense, "Q4K")),
         ("ISQ Q4K, isq_embeddings Q8_0", lambda: quantize_params(dense, "Q4K", embeddings="Q8_0")),
         ("ISQ Q4K, isq_embeddings Q4K", lambda: quantize_params(dense, "Q4K", embeddings="Q4K")),
+        ("ISQ Q4_0, isq_embeddings Q6K", lambda: quantize_params(dense, "Q4_0", embeddings="Q6K")),
+        ("ISQ Q4K, isq_embeddings Q6K", lambda: quantize_params(dense, "Q4K", embeddings="Q6K")),
         ("GGUF as shipped (Q4_1, Q8_0 embeddings)", lambda: shipped.params),
     ]
     print(f"float32 model: {source}; {len(tokens) - 1} scored tokens; device {jax.devices()[0]}", flush=True)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from mrs.quant.qarray import QArray
 
 Spec = dict[str, Any]
+QARRAY_FIELDS = ("data", "scale", "min", "high")  # its arrays; "min" and "high" may be None
 
 
 def _leaf_spec(x: Any) -> Spec:
@@ -34,8 +35,8 @@ def param_spec(params: dict[str, Any]) -> Spec:
             return {key: describe(value) for key, value in node.items()}
         if isinstance(node, QArray):
             meta = {**node.meta(), "shape": list(node.shape)}
-            min_ = None if node.min is None else _leaf_spec(node.min)
-            return {"qarray": meta, "data": _leaf_spec(node.data), "scale": _leaf_spec(node.scale), "min": min_}
+            arrays = {name: getattr(node, name) for name in QARRAY_FIELDS}
+            return {"qarray": meta, **{k: None if a is None else _leaf_spec(a) for k, a in arrays.items()}}
         return _leaf_spec(node)
 
     return describe(params)
@@ -47,8 +48,9 @@ def abstract_params(spec: Spec) -> dict[str, Any]:
     def build(node: Spec) -> Any:
         if "qarray" in node:
             meta = {**node["qarray"], "shape": tuple(node["qarray"]["shape"])}
-            min_ = None if node["min"] is None else _abstract_leaf(node["min"])
-            return QArray(_abstract_leaf(node["data"]), _abstract_leaf(node["scale"]), min_, **meta)
+            # .get: conversions written before 6-bit storage have no "high" entry.
+            arrays = {k: None if node.get(k) is None else _abstract_leaf(node[k]) for k in QARRAY_FIELDS}
+            return QArray(**arrays, **meta)
         if isinstance(node.get("shape"), list):  # a module's entries are dicts, never lists
             return _abstract_leaf(node)
         return {key: build(value) for key, value in node.items()}

@@ -1,4 +1,4 @@
-"""Least-squares block quantization into ggml's formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+"""Least-squares block quantization into ggml's formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), and 6-bit blocks.
 
 ggml's reference quantizers (and gguf-py's port of them) take a block's scale from
 its largest magnitude (Q4_1: from max - min), so one outlier stretches the grid for
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from mrs.quant.ggml import encode
+from mrs.quant.ggml import encode, packed
+from mrs.quant.qarray import QArray
 
 Array = jax.Array
 
@@ -64,6 +65,20 @@ class Blocks:
     q: np.ndarray  # int16 [n, block], in [grid.lo, grid.hi]
     d: np.ndarray  # float16 [n]
     m: np.ndarray | None  # float16 [n], affine formats only
+
+
+# ISQ's Q6K: signed 6-bit integers in blocks of 32 with a float16 scale (6.5 bits per weight).
+# Not ggml's Q6_K, whose 16-value sub-blocks would cost 8 bits per weight in QArray storage.
+SIX_BIT = Grid(-32, 31, affine=False)
+
+
+def quantize_six_bit(values: np.ndarray, fmt: str = "Q6K") -> QArray:
+    """A float ``[..., in]`` array as a numpy-backed 6-bit QArray (blocks of 32, ``zero`` 32)."""
+    rows, cols = int(np.prod(values.shape[:-1])), values.shape[-1]
+    fit = fit_blocks(np.reshape(values, (-1, 32)), SIX_BIT)
+    unsigned = (fit.q + 32).reshape(rows, cols // 32, 32)
+    shape = tuple(int(d) for d in values.shape)
+    return packed(unsigned, fit.d.reshape(rows, -1), None, 6, shape=shape, block=32, zero=32, fmt=fmt)
 
 
 def quantize(values: np.ndarray, ggml_type: T) -> np.ndarray:

@@ -10,8 +10,9 @@ values bit for bit):
 - Q4_K -> 4-bit row pairs, blocks of 32 with a float32 scale ``d * sc`` and min ``-dmin * m``
   per block (6 bits per weight instead of 4.5: the two-level 6-bit scales are folded
   into one exact float32 per block).
-- Q6_K -> the 6-bit values in int8 blocks of 16, float32 scale ``d * sc`` (10 bits
-  per weight instead of 6.56).
+- Q6_K -> 6-bit storage (row pairs of the low nibbles plus row quads of the top two
+  bits), blocks of 16 with a float32 scale ``d * sc`` (8 bits per weight instead of
+  6.56: the product of the two scale levels is kept exact).
 
 ``encode`` is the other direction for the block formats ISQ writes: integers and
 float16 scales (``mrs.quant.blockfit``) laid out as ggml's bytes.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from mrs.quant.qarray import QArray, pack_row_pairs
+from mrs.quant.qarray import QArray, pack
 
 # GGUF types kept packed (everything else is expanded to a float array).
 REPACKABLE = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q6_K)
@@ -33,11 +34,14 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & np.uint8(0xF), qs >> np.uint8(4)], axis=-1)
 
 
-def _four_bit(values: np.ndarray, scale: np.ndarray, min_: np.ndarray | None, **meta: object) -> QArray:
-    """4-bit values ``[rows, nblocks, block]`` as row pairs, or a byte each when rows are odd."""
-    if values.shape[0] % 2:
-        return QArray(values.astype(np.uint8), scale, min_, bits=8, **meta)
-    return QArray(pack_row_pairs(values), scale, min_, bits=4, **meta)
+def packed(values: np.ndarray, scale: np.ndarray, min_: np.ndarray | None, bits: int, **meta: object) -> QArray:
+    """Unsigned 4- or 6-bit values ``[rows, nblocks, block]`` in ``bits`` storage, or a byte
+    each when the packing's row groups (pairs, quads) do not divide the rows."""
+    values = values.astype(np.uint8)
+    if values.shape[0] % {4: 2, 6: 4}[bits]:
+        return QArray(values, scale, min_, bits=8, **meta)
+    data, high = pack(values, bits)
+    return QArray(data, scale, min_, high=high, bits=bits, **meta)
 
 
 def _nibble_bytes(values: np.ndarray) -> np.ndarray:
@@ -75,9 +79,9 @@ def repack(data: np.ndarray, ggml_type: T, shape: tuple[int, ...]) -> QArray:
     if ggml_type == T.Q8_0:
         return QArray(raw[..., 2:].view(np.int8), _f16(raw[..., :2]), None, shape=shape, fmt=name)
     if ggml_type == T.Q4_0:
-        return _four_bit(_nibbles(raw[..., 2:]), _f16(raw[..., :2]), None, shape=shape, zero=8, fmt=name)
+        return packed(_nibbles(raw[..., 2:]), _f16(raw[..., :2]), None, 4, shape=shape, zero=8, fmt=name)
     if ggml_type == T.Q4_1:
-        return _four_bit(_nibbles(raw[..., 4:]), _f16(raw[..., :2]), _f16(raw[..., 2:4]), shape=shape, fmt=name)
+        return packed(_nibbles(raw[..., 4:]), _f16(raw[..., :2]), _f16(raw[..., 2:4]), 4, shape=shape, fmt=name)
     if ggml_type in (T.Q5_0, T.Q5_1):
         head = 2 if ggml_type == T.Q5_0 else 4
         qh = np.ascontiguousarray(raw[..., head:head + 4]).view(np.uint32)  # [rows, nblocks, 1]
@@ -95,7 +99,7 @@ def repack(data: np.ndarray, ggml_type: T, shape: tuple[int, ...]) -> QArray:
         values = (qs & np.uint8(0xF)).reshape(rows, nblocks * 8, 32)
         scale = (d * sc).reshape(rows, nblocks * 8)
         min_ = (-dmin * mn).reshape(rows, nblocks * 8)
-        return _four_bit(values, scale, min_, shape=shape, fmt=name)
+        return packed(values, scale, min_, 4, shape=shape, fmt=name)
     if ggml_type == T.Q6_K:
         ql, qh = raw[..., :128], raw[..., 128:192]
         sc = np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32)
@@ -103,8 +107,8 @@ def repack(data: np.ndarray, ggml_type: T, shape: tuple[int, ...]) -> QArray:
         low = (ql.reshape(rows, nblocks, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]) & np.uint8(0xF)
         high = (qh.reshape(rows, nblocks, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & np.uint8(3)
         values = low.reshape(rows, nblocks, 8, 32) | (high.reshape(rows, nblocks, 8, 32) << np.uint8(4))
-        values = (values.astype(np.int16) - 32).astype(np.int8).reshape(rows, nblocks * 16, 16)
-        return QArray(values, (d * sc).reshape(rows, nblocks * 16), None, shape=shape, block=16, fmt=name)
+        values = values.reshape(rows, nblocks * 16, 16)
+        return packed(values, (d * sc).reshape(rows, nblocks * 16), None, 6, shape=shape, block=16, zero=32, fmt=name)
     raise ValueError(f"cannot repack GGML type {name}; repackable: {', '.join(t.name for t in REPACKABLE)}")
 
 

@@ -15,8 +15,10 @@ Q5_0        ggml Q5_0 values (5-bit symmetric), one byte per value           8.5
 Q5_1        ggml Q5_1 values (5-bit with min), one byte per value            9
 Q5K         **same as Q5_1**                                                 9
 Q8_0, "8"   ggml Q8_0: int8, blocks of 32, float16 scale                     8.5
-Q6K, Q8K    **same as Q8_0**: a 6- or 8-bit value takes a byte in our        8.5
-            storage either way, so they get Q8_0's (finer) precision
+Q6K         6-bit symmetric, blocks of 32, float16 scale (packed as          6.5
+            ``QArray``'s 6-bit storage; not ggml's Q6_K super-blocks, whose
+            16-value sub-blocks would cost 8 bits per weight here)
+Q8K         **same as Q8_0** (an 8-bit value takes a byte either way)        8.5
 ==========  ===============================================================  ==============
 
 The 5-bit formats keep their ggml numerics but not ggml's memory saving (a value is
@@ -30,6 +32,7 @@ it), repacked by ``mrs.quant.ggml``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import gguf
@@ -38,7 +41,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from mrs.errors import ConfigError
-from mrs.quant.blockfit import quantize
+from mrs.quant.blockfit import quantize, quantize_six_bit
 from mrs.quant.ggml import repack
 from mrs.quant.gguf import to_device
 from mrs.quant.qarray import QArray
@@ -51,7 +54,7 @@ SCHEMES: dict[str, T] = {
     "Q8_0": T.Q8_0,
     "Q4K": T.Q4_1,
     "Q5K": T.Q5_1,
-    "Q6K": T.Q8_0,
+    "Q6K": T.Q6_K,
     "Q8K": T.Q8_0,
     "4": T.Q4_1,
     "8": T.Q8_0,
@@ -73,6 +76,11 @@ def resolve_scheme(name: str, field: str = "in_situ_quant") -> T:
     return SCHEMES[key]
 
 
+def block_size(ggml_type: T) -> int:
+    """Values per block an ISQ scheme's storage uses (Q6K: 32, see the table above)."""
+    return 32 if ggml_type == T.Q6_K else gguf.GGML_QUANT_SIZES[ggml_type][0]
+
+
 # A block quantizer: float ``[..., in]`` values -> ggml blocks ``[rows, bytes]`` (gguf-py's signature).
 Quantizer = Callable[[np.ndarray, T], np.ndarray]
 
@@ -86,9 +94,12 @@ def quantize_array(w: Any, scheme: str | T, *, fmt: str | None = None, quantizer
     if isinstance(w, QArray):
         w = w.dequantize()
     values = np.asarray(w, dtype=np.float32)
-    packed = repack(quantizer(values, ggml_type), ggml_type, values.shape)
+    if ggml_type == T.Q6_K:  # our own 6-bit blocks (gguf-py has no Q6_K quantizer to compare with)
+        packed = quantize_six_bit(values)
+    else:
+        packed = repack(quantizer(values, ggml_type), ggml_type, values.shape)
     if fmt is not None:
-        packed = QArray(packed.data, packed.scale, packed.min, **{**packed.meta(), "fmt": fmt})
+        packed = dataclasses.replace(packed, fmt=fmt)
     # Uncommitted (default device): committed params change the warmed-up steps' input
     # signature, so they compile again on the first request. Placement comes after.
     return to_device(packed)
@@ -120,7 +131,7 @@ def quantize_params(params: dict, scheme: str | None, *, embeddings: str | None 
 
     def convert(path: tuple[str, ...], value: Any) -> Any:
         target = targets.get(quantizable_group(path, value) or "")
-        if target is None or value.shape[-1] % gguf.GGML_QUANT_SIZES[target[0]][0]:
+        if target is None or value.shape[-1] % block_size(target[0]):
             return value
         return quantize_array(value, target[0], fmt=target[1], quantizer=quantizer)
 

@@ -109,8 +109,9 @@ def cpu_or_xla(native: Any, xla: Any, *args: Any) -> Any:
 def qmatmul(x: jax.Array, q: Any) -> jax.Array:
     """``x [m, in] @ q.T`` for a 2-D QArray ``q`` with blocks of 16 or 32, float32 in and out."""
     min_ = q.min if q.min is not None else jnp.zeros((0,), jnp.float32)
+    high = q.high if q.high is not None else jnp.zeros((0,), jnp.uint8)
     call = jax.ffi.ffi_call("mrs_qmatmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32))
-    return call(x, q.data, q.scale, min_, bits=np.int32(q.bits), zero=np.int32(q.zero))
+    return call(x, q.data, q.scale, min_, high, bits=np.int32(q.bits), zero=np.int32(q.zero))
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, *, kv_len: int,

@@ -5,17 +5,19 @@ linear weight; more leading dims are allowed, they count as rows). Each row is c
 into blocks of ``block`` consecutive values; value ``j`` of block ``b`` in row ``r``
 dequantizes to ``(q - zero) * scale[r, b] (+ min[r, b])``.
 
-Two storages, chosen for speed of the dequantize-inside-the-jit matmul on XLA CPU
-(measured with jax 0.10: an int8 block matmul reads its weight at about the speed a
-float32 matmul reads its own, four times the bytes, so batch-1 decode gains ~3x):
+Three storages, laid out so that unpacking is masks, shifts and concatenations along
+rows (XLA fuses those into the matmul; the native kernel, ``mrs.quant.native``, reads
+them eight columns at a time):
 - ``bits=8``: ``data`` int8 (or uint8) ``[rows, nblocks, block]``, one value per byte
-  (Q8_0, and the 5- and 6-bit formats, which fit a byte losslessly).
+  (Q8_0, the 5-bit formats, and 4- or 6-bit values of tensors whose row count the
+  packings below do not divide).
 - ``bits=4``: ``data`` uint8 ``[rows / 2, nblocks, block]`` in *row pairs*: byte
   ``[r, b, j]`` holds row ``r``'s value in its low nibble and row ``r + rows/2``'s in
-  its high nibble. Unpacking is then a mask, a shift and a concatenation along rows,
-  which XLA fuses into the matmul as well as a plain int8 read; ggml's in-block
-  nibble order (value ``j`` and ``j + 16`` in one byte) needs an interleaving
-  reshape that XLA does not fuse, and ran 2-3x slower.
+  its high nibble. ggml's in-block nibble order (value ``j`` and ``j + 16`` in one
+  byte) needs an interleaving reshape that XLA does not fuse, and ran 2-3x slower.
+- ``bits=6``: the low four bits as ``bits=4`` row pairs in ``data``, and the top two in
+  ``high`` uint8 ``[rows / 4, nblocks, block]``: byte ``[r, b, j]`` holds rows ``r``,
+  ``r + rows/4``, ``r + rows/2`` and ``r + 3 rows/4`` in bits 0-1, 2-3, 4-5 and 6-7.
 
 The model contract (``mrs.models.layers``) uses ``linear``, ``dequantize`` and
 ``take_rows``; the loader uses ``permute_rows``; memory accounting uses ``nbytes``.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,7 @@ class QArray:
     data: Any  # int8/uint8 [rows, nblocks, block]; 4-bit: uint8 row pairs [rows // 2, nblocks, block]
     scale: Any  # [rows, nblocks], float16 or float32
     min: Any  # [rows, nblocks] or None (symmetric formats)
+    high: Any = None  # 6-bit only: the top two bits, uint8 row quads [rows // 4, nblocks, block]
     shape: tuple[int, ...] = ()
     bits: int = 8
     block: int = 32
@@ -49,12 +52,17 @@ class QArray:
 
     def __post_init__(self) -> None:
         rows = math.prod(self.shape[:-1])
-        if self.bits == 4 and rows % 2:
-            raise ValueError(f"{self.fmt}: 4-bit row pairs need an even number of rows, got {rows}")
-        expected = (rows // 2 if self.bits == 4 else rows, self.shape[-1] // self.block, self.block)
-        # Leaves may be tracers or placeholders inside jax transformations; check real arrays only.
-        if hasattr(self.data, "shape") and tuple(self.data.shape) != expected:
-            raise ValueError(f"{self.fmt} data shape {tuple(self.data.shape)} != {expected} for {self.shape}")
+        group = {4: 2, 6: 4}.get(self.bits, 1)  # rows packed together
+        if rows % group:
+            raise ValueError(f"{self.fmt}: {self.bits}-bit storage needs a row count divisible by {group}, got {rows}")
+        blocks = (self.shape[-1] // self.block, self.block)
+        expected = {"data": (rows // min(group, 2), *blocks), "high": (rows // 4, *blocks)}
+        for name, want in expected.items():
+            got = getattr(self, name)
+            # Tree transformations (jit, orbax) put tracers, placeholders or None where arrays
+            # were: check real arrays only.
+            if hasattr(got, "shape") and tuple(got.shape) != want:
+                raise ValueError(f"{self.fmt} {name} shape {tuple(got.shape)} != {want} for {self.shape}")
 
     @property
     def ndim(self) -> int:
@@ -79,10 +87,13 @@ class QArray:
         return w.reshape(*w.shape[:-2], self.shape[-1])
 
     def _all_values(self) -> Array:
-        """Every row's stored integers ``[rows, nblocks, block]`` (4-bit: both nibbles, in row order)."""
+        """Every row's stored integers ``[rows, nblocks, block]``, in row order."""
+        if self.bits == 8:
+            return self.data
+        low = jnp.concatenate([self.data & 0xF, self.data >> 4], axis=0)
         if self.bits == 4:
-            return jnp.concatenate([self.data & 0xF, self.data >> 4], axis=0)
-        return self.data
+            return low
+        return low | (jnp.concatenate([(self.high >> s) & 3 for s in (0, 2, 4, 6)], axis=0) << 4)
 
     def dequantize(self, dtype: Any = jnp.float32) -> Array:
         return self._float(self._all_values(), self.scale, self.min, dtype).reshape(self.shape)
@@ -109,23 +120,33 @@ class QArray:
     def take_rows(self, ids: Array, dtype: Any) -> Array:
         """Rows ``ids`` of a 2-D table (embedding lookup) without expanding the whole table."""
         ids = jnp.clip(ids, 0, self.shape[0] - 1)
-        if self.bits == 4:
-            half = self.shape[0] // 2
-            upper = ids >= half
-            pairs = self.data[jnp.where(upper, ids - half, ids)]
-            values = jnp.where(upper[..., None, None], pairs >> 4, pairs & 0xF)
-        else:
-            values = self.data[ids]
+        values = self.data[ids] if self.bits == 8 else self._packed_rows(ids)
         min_ = None if self.min is None else self.min[ids]
         return self._float(values, self.scale[ids], min_, dtype)
+
+    def _packed_rows(self, ids: Array) -> Array:
+        """The stored integers of rows ``ids`` of a 4- or 6-bit table."""
+        half = self.shape[0] // 2
+        pairs = self.data[ids % half]
+        values = jnp.where((ids >= half)[..., None, None], pairs >> 4, pairs & 0xF)
+        if self.bits == 6:
+            quarter = self.shape[0] // 4
+            shift = (2 * (ids // quarter)).astype(jnp.uint8)[..., None, None]
+            values = values | (((self.high[ids % quarter] >> shift) & 3) << 4)
+        return values
 
     def permute_rows(self, perm: np.ndarray) -> "QArray":
         """Reorder rows (axis 0 of a 2-D weight), e.g. to undo llama.cpp's Q/K permutation."""
         perm = np.asarray(perm)
         pick = lambda a: None if a is None else jnp.asarray(np.asarray(a)[perm])  # noqa: E731
-        values = np.asarray(self._all_values())[perm]  # 4-bit pairs re-form after the shuffle
-        data = jnp.asarray(pack_row_pairs(values) if self.bits == 4 else values)
-        return QArray(data, pick(self.scale), pick(self.min), **self.meta())
+        values = np.asarray(self._all_values())[perm]  # packed rows re-form after the shuffle
+        data, high = pack(values, self.bits)
+        return QArray(jnp.asarray(data), pick(self.scale), pick(self.min), high=None if high is None else jnp.asarray(high),
+                      **self.meta())
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> "QArray":
+        """The same layout with ``fn`` applied to each array (``min`` and ``high`` stay None where they are)."""
+        return jax.tree.map(fn, self)
 
     def meta(self) -> dict[str, Any]:
         return dict(shape=self.shape, bits=self.bits, block=self.block, zero=self.zero, fmt=self.fmt)
@@ -141,7 +162,22 @@ def pack_row_pairs(values: np.ndarray) -> np.ndarray:
     return low | (high << np.uint8(4))
 
 
+def pack_row_quads(values: np.ndarray) -> np.ndarray:
+    """2-bit values ``[rows, nblocks, block]`` (0..3) -> row-quad bytes ``[rows / 4, nblocks, block]``."""
+    quarter = values.shape[0] // 4
+    planes = [values[i * quarter:(i + 1) * quarter].astype(np.uint8) << np.uint8(2 * i) for i in range(4)]
+    return planes[0] | planes[1] | planes[2] | planes[3]
+
+
+def pack(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unsigned ``bits``-bit values ``[rows, nblocks, block]`` as ``(data, high)`` storage."""
+    if bits == 8:
+        return values, None
+    low = pack_row_pairs(values & np.uint8(0xF))
+    return (low, None) if bits == 4 else (low, pack_row_quads(values >> np.uint8(4)))
+
+
 # Arrays are children (traced, donated, sharded); the layout description is static.
 jax.tree_util.register_dataclass(
-    QArray, data_fields=["data", "scale", "min"], meta_fields=["shape", "bits", "block", "zero", "fmt"]
+    QArray, data_fields=["data", "scale", "min", "high"], meta_fields=["shape", "bits", "block", "zero", "fmt"]
 )

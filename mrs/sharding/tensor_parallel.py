@@ -74,10 +74,9 @@ def _leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, quanti
 
 def _shard_leaf(path: tuple[str, ...], value: Any, mesh: Mesh) -> Any:
     if isinstance(value, QArray):
-        # data [rows, nblocks, ...], scale/min [rows, nblocks]: split rows or whole blocks.
+        # data/high [rows, nblocks, ...], scale/min [rows, nblocks]: split rows or whole blocks.
         spec = _leaf_spec(path, value.data.shape, mesh, quantized_axis=1)
-        put = lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, P(*spec[: a.ndim])))  # noqa: E731
-        return QArray(put(value.data), put(value.scale), put(value.min), **value.meta())
+        return value.map_arrays(lambda a: jax.device_put(a, NamedSharding(mesh, P(*spec[: a.ndim]))))
     return jax.device_put(value, NamedSharding(mesh, _leaf_spec(path, tuple(value.shape), mesh)))
 
 

@@ -23,7 +23,8 @@ namespace {
 constexpr int kTile = 4;  // activation rows per pass over the weights (registers per output row)
 
 struct Weights {
-  const uint8_t* data;  // [units, nblocks, block]: rows (bits 8) or row pairs (bits 4)
+  const uint8_t* data;  // [units, nblocks, block]: rows (bits 8) or row pairs (bits 4 and 6)
+  const uint8_t* high;  // bits 6: [rows / 4, nblocks, block], the top two bits in row quads
   const void* scale;    // [rows, nblocks]
   const void* min;      // [rows, nblocks] or nullptr
   bool data_signed, scale_f16, min_f16;
@@ -135,10 +136,52 @@ void Pairs4(const Weights& w, const float* x, const float* xsum, int64_t k, floa
   }
 }
 
+// 6-bit row quads: rows u, u + q, u + 2q, u + 3q (q = rows / 4). Their low nibbles are row
+// pairs u (rows u, u + 2q) and u + q (rows u + q, u + 3q); their top bits are high[u].
+template <int T, int BLOCK>
+void Quads6(const Weights& w, const float* x, const float* xsum, int64_t k, float* y, int64_t n, int64_t begin,
+            int64_t end) {
+  const int64_t quarter = w.rows / 4;
+  const __m256i nibble = _mm256_set1_epi32(0x0F), two = _mm256_set1_epi32(0x03), top = _mm256_set1_epi32(0x30);
+  auto widen = [](const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  };
+  for (int64_t u = begin; u < end; ++u) {
+    RowSums<T> sums[4];
+    const uint8_t* near = w.data + u * k;
+    const uint8_t* far = w.data + (u + quarter) * k;
+    const uint8_t* high = w.high + u * k;
+    for (int64_t b = 0; b < w.nblocks; ++b) {
+      __m256 dot[4][T];
+      for (int r = 0; r < 4; ++r)
+        for (int t = 0; t < T; ++t) dot[r][t] = _mm256_setzero_ps();
+      for (int c = 0; c < BLOCK; c += 8) {
+        const int64_t col = b * BLOCK + c;
+        const __m256i a = widen(near + col), e = widen(far + col), h = widen(high + col);
+        const __m256i values[4] = {
+            _mm256_or_si256(_mm256_and_si256(a, nibble), _mm256_slli_epi32(_mm256_and_si256(h, two), 4)),
+            _mm256_or_si256(_mm256_and_si256(e, nibble), _mm256_slli_epi32(_mm256_and_si256(h, _mm256_slli_epi32(two, 2)), 2)),
+            _mm256_or_si256(_mm256_srli_epi32(a, 4), _mm256_and_si256(h, top)),
+            _mm256_or_si256(_mm256_srli_epi32(e, 4), _mm256_and_si256(_mm256_srli_epi32(h, 2), top)),
+        };
+        for (int r = 0; r < 4; ++r) Dot<T>(_mm256_cvtepi32_ps(values[r]), x, k, col, dot[r]);
+      }
+      for (int r = 0; r < 4; ++r) {
+        float scale, offset;
+        BlockAffine(w, u + r * quarter, b, &scale, &offset);
+        sums[r].AddBlock(dot[r], scale, offset, xsum, w.nblocks, b);
+      }
+    }
+    for (int r = 0; r < 4; ++r) sums[r].Store(y, n, u + r * quarter);
+  }
+}
+
 template <int T, int BLOCK>
 void Units(const Weights& w, const float* x, const float* xsum, int64_t k, float* y, int64_t n, int64_t begin,
            int64_t end) {
-  if (w.bits == 4) {
+  if (w.bits == 6) {
+    Quads6<T, BLOCK>(w, x, xsum, k, y, n, begin, end);
+  } else if (w.bits == 4) {
     Pairs4<T, BLOCK>(w, x, xsum, k, y, n, begin, end);
   } else {
     Rows8<T, BLOCK>(w, x, xsum, k, y, n, begin, end);
@@ -174,7 +217,8 @@ void Chunk(const Weights& w, const float* x, const float* xsum, int64_t m, int64
 bool IsF16(ffi::DataType t) { return t == ffi::DataType::F16; }
 
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
-                   ffi::AnyBuffer min, ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t bits, int32_t zero) {
+                   ffi::AnyBuffer min, ffi::AnyBuffer high, ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t bits,
+                   int32_t zero) {
   const auto xd = x.dimensions(), dd = data.dimensions(), sd = scale.dimensions();
   if (xd.size() != 2 || dd.size() != 3 || sd.size() != 2)
     return ffi::Error::InvalidArgument("qmatmul: x must be [m, k], data [units, nblocks, block], scale [rows, nblocks]");
@@ -182,9 +226,12 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   const bool is_int8 = data.element_type() == ffi::DataType::S8;
   if (!is_int8 && data.element_type() != ffi::DataType::U8)
     return ffi::Error::InvalidArgument("qmatmul: data must be int8 or uint8");
-  if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || dd[1] != nblocks || nblocks * block != k ||
-      dd[0] != (bits == 4 ? rows / 2 : rows) || (bits == 4 && rows % 2))
+  const int64_t group = bits == 8 ? 1 : (bits == 4 ? 2 : 4);  // rows packed together
+  if ((bits != 4 && bits != 6 && bits != 8) || (block != 16 && block != 32) || dd[1] != nblocks ||
+      nblocks * block != k || rows % group || dd[0] != rows / std::min<int64_t>(group, 2))
     return ffi::Error::InvalidArgument("qmatmul: data, scale and x shapes disagree");
+  if (high.element_count() != (bits == 6 ? rows / 4 * k : 0) || (bits == 6 && high.element_type() != ffi::DataType::U8))
+    return ffi::Error::InvalidArgument("qmatmul: high must be uint8 [rows / 4, nblocks, block] for 6 bits, else empty");
   const bool has_min = min.element_count() > 0;
   for (const ffi::AnyBuffer* b : {&scale, &min}) {
     if (b->element_count() && b->element_type() != ffi::DataType::F16 && b->element_type() != ffi::DataType::F32)
@@ -196,14 +243,15 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   if (yd.size() != 2 || yd[0] != m || yd[1] != rows)
     return ffi::Error::InvalidArgument("qmatmul: output must be [m, rows]");
 
-  const Weights w{static_cast<const uint8_t*>(data.untyped_data()), scale.untyped_data(),
+  const Weights w{static_cast<const uint8_t*>(data.untyped_data()), static_cast<const uint8_t*>(high.untyped_data()),
+                  scale.untyped_data(),
                   has_min ? min.untyped_data() : nullptr, is_int8, IsF16(scale.element_type()),
                   IsF16(min.element_type()), bits, static_cast<int>(block), zero, rows, nblocks};
   const float* xs = x.typed_data();
   std::vector<float> xsum(m * nblocks, 0.0f);  // each activation block's sum, for the offsets
   for (int64_t i = 0; i < m * nblocks; ++i)
     for (int64_t j = 0; j < block; ++j) xsum[i] += xs[i * block + j];
-  const int64_t units = dd[0];  // rows, or row pairs
+  const int64_t units = rows / group;  // rows, row pairs or row quads
   mrs::ParallelFor(pool, units, mrs::ChunksFor(pool, units, 64), [&](int64_t begin, int64_t end) {
     Chunk(w, xs, xsum.data(), m, k, y->typed_data(), begin, end);
   });
@@ -216,6 +264,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MrsQMatmul, QMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
