@@ -1,16 +1,18 @@
 """Batch-1 generation speed: mrs against HF transformers (eager) on the same weights.
 
-    python tools/bench_generate.py [--tokens 64] [--packed]
+    python tools/bench_generate.py [--tokens 64] [--packed] [--xla-ops]
 
 Loads SmolLM2-135M-Instruct (GGUF) both ways, dequantized to float32 (the same
 weights), runs the same prompt for the same number of greedy tokens, and prints one
 table: warm-up (compile) seconds, prefill tok/s and decode tok/s, and mrs/HF ratios.
-``--packed`` adds a row for mrs with the GGUF tensors kept packed (QArray).
+``--packed`` adds a row for mrs with the GGUF tensors kept packed (QArray);
+``--xla-ops`` repeats the mrs rows without the native CPU kernels (XLA's own ops).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -20,6 +22,7 @@ from mrs.engine.engine import Engine
 from mrs.engine.types import GenerationRequest, SamplingParams, TokenDelta
 from mrs.fetch import DEMO_MODELS, fetch, models_dir
 from mrs.loading.load import load_checkpoint
+from mrs.quant import native
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = (
@@ -86,13 +89,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per run (greedy, EOS ignored)")
     parser.add_argument("--packed", action="store_true", help="also time mrs with packed GGUF weights")
+    parser.add_argument("--xla-ops", action="store_true",
+                        help="also time mrs without its native CPU kernels (MRS_NATIVE_KERNELS=0)")
     args = parser.parse_args()
     for model in DEMO_MODELS:
         fetch(model, models_dir())
     rows = {}
     rows["mrs (float32)"], ours = bench_mrs(args.tokens, packed=False)
     if args.packed:
-        rows["mrs (packed GGUF)"], _ = bench_mrs(args.tokens, packed=True)
+        rows["mrs (packed GGUF)"], packed = bench_mrs(args.tokens, packed=True)
+    if args.xla_ops:
+        os.environ["MRS_NATIVE_KERNELS"] = "0"  # read when an engine's steps are traced
+        native.available.cache_clear()
+        rows["mrs (float32), XLA ops only"], _ = bench_mrs(args.tokens, packed=False)
+        if args.packed:
+            rows["mrs (packed GGUF), XLA ops only"], _ = bench_mrs(args.tokens, packed=True)
     rows["HF transformers eager (float32)"], theirs = bench_hf(args.tokens)
     hf = rows["HF transformers eager (float32)"]
     print(f"\nSmolLM2-135M-Instruct, batch 1, {args.tokens} new tokens, torch threads {torch.get_num_threads()}")
@@ -101,6 +112,8 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['warmup']:.1f} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['decode'] / hf['decode']:.2f}x |")
     print(f"\ngreedy tokens identical (mrs float32 vs HF): {ours == theirs}")
+    if args.packed:  # the same weights kept packed (the float32 rows expand the same GGUF)
+        print(f"packed GGUF tokens equal to float32's: {packed == ours}")
 
 
 if __name__ == "__main__":
