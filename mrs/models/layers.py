@@ -193,12 +193,11 @@ def cached_attention(
     v_cache = cache[1].at[batch_ids, :, positions].set(v.astype(cache[1].dtype), mode="drop")
     kv_len = min(kv_len or v_cache.shape[2], v_cache.shape[2])
     args = (q, k_cache, v_cache, positions)
-    xla = partial(_attend, scale=scale, window=window, softcap=softcap, kv_len=kv_len)
+    options = dict(scale=scale, window=window, softcap=softcap, kv_len=kv_len)
     if q.shape[1] == 1 and _native_decode_ok(q, k_cache, v_cache) and native.available():
-        out = native.cpu_or_xla(partial(_native_decode, scale=scale, window=window, softcap=softcap, kv_len=kv_len),
-                                xla, *args)
+        out = native.cpu_or_xla(partial(_native_decode, **options), partial(_attend, **options), *args)
     else:
-        out = xla(*args)
+        out = _attend(*args, **options)
     return out, (k_cache, v_cache)
 
 

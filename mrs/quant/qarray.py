@@ -141,8 +141,8 @@ class QArray:
         pick = lambda a: None if a is None else jnp.asarray(np.asarray(a)[perm])  # noqa: E731
         values = np.asarray(self._all_values())[perm]  # packed rows re-form after the shuffle
         data, high = pack(values, self.bits)
-        return QArray(jnp.asarray(data), pick(self.scale), pick(self.min), high=None if high is None else jnp.asarray(high),
-                      **self.meta())
+        high = None if high is None else jnp.asarray(high)
+        return QArray(jnp.asarray(data), pick(self.scale), pick(self.min), high=high, **self.meta())
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> "QArray":
         """The same layout with ``fn`` applied to each array (``min`` and ``high`` stay None where they are)."""
