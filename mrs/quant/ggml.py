@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from mrs.quant.qarray import QArray, pack
+from mrs.quant.qarray import ROW_GROUP, QArray, pack
 
 # GGUF types kept packed (everything else is expanded to a float array).
 REPACKABLE = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q6_K)
@@ -38,7 +38,7 @@ def packed(values: np.ndarray, scale: np.ndarray, min_: np.ndarray | None, bits:
     """Unsigned 4- or 6-bit values ``[rows, nblocks, block]`` in ``bits`` storage, or a byte
     each when the packing's row groups (pairs, quads) do not divide the rows."""
     values = values.astype(np.uint8)
-    if values.shape[0] % {4: 2, 6: 4}[bits]:
+    if values.shape[0] % ROW_GROUP[bits]:
         return QArray(values, scale, min_, bits=8, **meta)
     data, high = pack(values, bits)
     return QArray(data, scale, min_, high=high, bits=bits, **meta)

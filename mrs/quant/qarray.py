@@ -36,6 +36,7 @@ import numpy as np
 from mrs.quant import native
 
 Array = jax.Array
+ROW_GROUP = {8: 1, 4: 2, 6: 4}  # rows packed together by each storage: single rows, pairs, quads
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class QArray:
 
     def __post_init__(self) -> None:
         rows = math.prod(self.shape[:-1])
-        group = {4: 2, 6: 4}.get(self.bits, 1)  # rows packed together
+        group = ROW_GROUP[self.bits]
         if rows % group:
             raise ValueError(f"{self.fmt}: {self.bits}-bit storage needs a row count divisible by {group}, got {rows}")
         blocks = (self.shape[-1] // self.block, self.block)

@@ -51,7 +51,7 @@ inline void BlockAffine(const Weights& w, int64_t r, int64_t b, float* scale, fl
   *offset = min - static_cast<float>(w.zero) * *scale;
 }
 
-// Eight stored values (a byte each, or one nibble of each byte) as floats.
+// Eight stored values, a byte each (int8, or uint8 values below 128), as floats.
 inline __m256 Widen(__m128i bytes, bool is_signed) {
   return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
 }
