@@ -9,11 +9,13 @@ run. Prints "OK <what>" per check; raises on any mismatch.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,6 +102,19 @@ def check_mesh(engine: Engine, n: int) -> None:
         assert {s.data.shape[1] for s in k.addressable_shards} == {k.shape[1] // n}
     for step in ("prefill", "decode"):
         assert_compiled_once(getattr(engine._steps, step), engine._steps.traces, step)
+    check_mesh_decode_local(engine)
+
+
+def check_mesh_decode_local(engine: Engine) -> None:
+    """The mesh's decode step works on each device's shards: it calls no native kernel (those
+    have no partitioning rule) and gathers no quantized weight, only activations."""
+    key = next(key for key in engine._steps.traces if key.startswith("decode/"))
+    rows, kv_len = map(int, key.split("/")[1:])
+    active = jnp.ones((CONFIG.max_batch,), bool)
+    hlo = engine._steps.decode.lower(engine._params, engine._state, active, kv_len=kv_len, rows=rows).compile().as_text()
+    assert "mrs_qmatmul" not in hlo and "mrs_decode_attention" not in hlo
+    gathered = re.findall(r"= (\w+)\[[^\]]*\][^ ]* all-gather\(", hlo)
+    assert not {"s8", "u8"} & set(gathered), gathered
 
 
 def assert_compiled_once(jitted, traces: dict, prefix: str) -> None:

@@ -70,6 +70,9 @@ def test_linear_uses_the_kernel_for_decode_sizes_only() -> None:
     hlo = lambda m: jax.jit(lambda w, x: w.linear(x)).lower(q, jnp.ones((m, 256))).as_text()  # noqa: E731
     assert "mrs_qmatmul" in hlo(1) and "mrs_qmatmul" in hlo(native.MAX_ROWS)
     assert "mrs_qmatmul" not in hlo(native.MAX_ROWS + 1)  # prefill: dequantize once, then a GEMM
+    with native.xla_only():  # as mesh steps trace
+        assert "mrs_qmatmul" not in hlo(1)
+    assert "mrs_qmatmul" in hlo(2)  # the switch ends with the block
 
 
 @needs_kernels
@@ -120,8 +123,11 @@ def test_decode_attention_equals_xla(kv_heads, group, dim, seq, kv_len, window, 
 def test_decode_step_calls_the_attention_kernel() -> None:
     q, k, v, cache = _attention_inputs(1, 3, 3, 64, 64)
     positions = jnp.asarray([[3]], jnp.int32)
-    step = jax.jit(lambda *a: cached_attention(*a, scale=0.125, window=None, kv_len=32))
-    assert "mrs_decode_attention" in step.lower(q, k, v, cache, positions).as_text()
+    hlo = lambda: jax.jit(  # noqa: E731  (a new function each time: jit caches traces per function)
+        lambda *a: cached_attention(*a, scale=0.125, window=None, kv_len=32)).lower(q, k, v, cache, positions).as_text()
+    assert "mrs_decode_attention" in hlo()
+    with native.xla_only():  # as mesh steps trace
+        assert "mrs_decode_attention" not in hlo()
     prefill = jax.jit(lambda *a: cached_attention(*a, scale=0.125, window=None, kv_len=32))
     q2, k2, v2 = (jnp.concatenate([a, a], axis=1) for a in (q, k, v))
     assert "mrs_decode_attention" not in prefill.lower(q2, k2, v2, cache, jnp.asarray([[3, 4]])).as_text()

@@ -2,7 +2,9 @@
 
 - ``MeshSteps`` (tensor_parallel): the usual jitted steps; parameters and KV cache
   are sharded over the mesh and the rest of the decode state is replicated, so
-  XLA's SPMD partitioner splits every layer's work over the devices.
+  XLA's SPMD partitioner splits every layer's work over the devices. They trace
+  with XLA's ops only (``mrs.quant.native.xla_only``): the native kernels have no
+  partitioning rule.
 - ``StagedSteps`` (num_device_layers): each stage's layers, parameters and KV cache
   on its own device. A lead stage (all but the last) runs its layers in its own jit
   (one compile per bucket shape) and hands its hidden states to the next device;
@@ -23,6 +25,7 @@ from mrs.engine.steps import DecodeState, Steps, chunk_positions, decode_inputs,
 from mrs.models.config import ModelConfig
 from mrs.models.layers import KVCache, init_cache
 from mrs.models.registry import build_model, get_arch
+from mrs.quant import native
 from mrs.sharding.device_map import DeviceMap, stage_params
 from mrs.sharding.placement import Placement
 from mrs.sharding.tensor_parallel import cache_shardings, shard_params
@@ -55,6 +58,14 @@ class MeshSteps(Steps):
         shardings = jax.tree.map(lambda _: replicated, shapes._replace(cache=()))
         shardings = shardings._replace(cache=cache_shardings(shapes.cache, self.mesh))
         return jax.jit(super().init_state, out_shardings=shardings)()
+
+    def _prefill(self, *args: Any, **kwargs: Any) -> tuple[DecodeState, SampleOut]:
+        with native.xla_only():
+            return super()._prefill(*args, **kwargs)
+
+    def _decode(self, *args: Any, **kwargs: Any) -> tuple[DecodeState, SampleOut]:
+        with native.xla_only():
+            return super()._decode(*args, **kwargs)
 
 
 def _on(device: Any, make: Callable[[], T]) -> T:

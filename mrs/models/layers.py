@@ -194,7 +194,7 @@ def cached_attention(
     kv_len = min(kv_len or v_cache.shape[2], v_cache.shape[2])
     args = (q, k_cache, v_cache, positions)
     options = dict(scale=scale, window=window, softcap=softcap, kv_len=kv_len)
-    if q.shape[1] == 1 and _native_decode_ok(q, k_cache, v_cache) and native.available():
+    if q.shape[1] == 1 and _native_decode_ok(q, k_cache, v_cache) and native.enabled():
         out = native.cpu_or_xla(partial(_native_decode, **options), partial(_attend, **options), *args)
     else:
         out = _attend(*args, **options)

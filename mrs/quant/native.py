@@ -13,10 +13,15 @@ registered for the CPU platform. Callers dispatch with ``lax.platform_dependent`
 so other backends keep the XLA path. Where the kernels cannot be built (not x86-64
 with AVX2/FMA/F16C, no compiler) or ``MRS_NATIVE_KERNELS=0`` is set, callers keep
 XLA's own ops: the same numbers to float rounding, slower at batch 1.
+
+Steps traced for a device mesh (``tensor_parallel``) trace under ``xla_only()``: the
+kernels have no SPMD partitioning rule, so the partitioner would gather every sharded
+weight onto every device before each call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,8 +31,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +50,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 MAX_ROWS = 32
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"mrs_qmatmul": "MrsQMatmul", "mrs_decode_attention": "MrsDecodeAttention"}
+_tracing = threading.local()  # per thread: each model's engine traces its steps in its own thread
 
 
 def _cpu_flags() -> set[str]:
@@ -99,6 +106,22 @@ def available() -> bool:
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return True
+
+
+def enabled() -> bool:
+    """Whether code being traced now should call the kernels: built, and not inside ``xla_only()``."""
+    return not getattr(_tracing, "xla_only", False) and available()
+
+
+@contextlib.contextmanager
+def xla_only() -> Iterator[None]:
+    """Trace with XLA's ops only (in this thread), e.g. for steps partitioned over a mesh."""
+    before = getattr(_tracing, "xla_only", False)
+    _tracing.xla_only = True
+    try:
+        yield
+    finally:
+        _tracing.xla_only = before
 
 
 def cpu_or_xla(native: Any, xla: Any, *args: Any) -> Any:

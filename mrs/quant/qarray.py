@@ -112,7 +112,7 @@ class QArray:
         flat = x.reshape(-1, inner)
         xla = lambda a: a @ self.dequantize(a.dtype).T  # noqa: E731
         if (flat.dtype == jnp.float32 and flat.shape[0] <= native.MAX_ROWS and self.block in (16, 32)
-                and native.available()):
+                and native.enabled()):
             y = native.cpu_or_xla(lambda a: native.qmatmul(a, self), xla, flat)
         else:
             y = xla(flat)
