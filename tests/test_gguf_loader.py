@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from gguf_files import write_llama_gguf
 from hf_checkpoints import SMALL, byte_level_tokenizer, hf_generate, mrs_generate
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from mrs.config.schema import GGUF, VISION_PLAIN, ModelEntry, ModelSource
 from mrs.errors import ConfigError, LoadError
 from mrs.loading.gguf_config import model_config_from_gguf

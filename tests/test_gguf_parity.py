@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_checkpoints import mrs_generate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_checkpoints import mrs_generate
 from mrs.config.schema import GGUF, ModelEntry, ModelSource
 from mrs.fetch import fetch_plain_copy
 from mrs.loading.chat_template import render_chat

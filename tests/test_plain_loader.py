@@ -20,8 +20,7 @@ from mrs.fetch import fetch_plain_copy
 from mrs.loading.load import load_checkpoint
 from mrs.loading.safetensors_reader import load_plain
 from mrs.models.config import FULL, SLIDING
-from mrs.models.gemma3 import config_from_hf as gemma3_config
-from mrs.models.gemma3 import hf_name
+from mrs.models.gemma3 import config_from_hf as gemma3_config, hf_name
 from mrs.models.llama import config_from_hf as llama_config
 from mrs.models.registry import detect_arch
 from mrs.quant import QArray

@@ -12,12 +12,11 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from mrs.errors import ConfigError
-from mrs.quant import QArray, cache_bytes, param_bytes, quantize_params, resolve_scheme
-from mrs.quant.gguf import gguf_tensor_to_jax, permute_rows
-from mrs.quant import blockfit
-from mrs.quant.isq import SCHEMES, quantize_array
 from mrs.models.layers import init_cache
 from mrs.models.llama import config_from_hf
+from mrs.quant import QArray, blockfit, cache_bytes, param_bytes, quantize_params, resolve_scheme
+from mrs.quant.gguf import gguf_tensor_to_jax, permute_rows
+from mrs.quant.isq import SCHEMES, quantize_array
 
 ROWS, COLS = 24, 512  # COLS: two Q4_K/Q6_K super-blocks, sixteen 32-blocks
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from server_process import BIN, SMALL_ENGINE, Server, jax_cache_env, start
 
 from mrs.config.mistralrs import load_multi_model_config

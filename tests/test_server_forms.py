@@ -18,7 +18,13 @@ import pexpect
 import pytest
 from hf_checkpoints import hf_model, save_checkpoint
 from server_process import (
-    BIN, SMALL_ENGINE, TINY_ENGINE, TINY_ENGINE_CONFIG, TINY_ENGINE_HYDRA, jax_cache_env, start,
+    BIN,
+    SMALL_ENGINE,
+    TINY_ENGINE,
+    TINY_ENGINE_CONFIG,
+    TINY_ENGINE_HYDRA,
+    jax_cache_env,
+    start,
 )
 
 import mrs

@@ -56,7 +56,7 @@ class Row:
 
 def dequantize_tree(params: Any) -> Any:
     is_q = lambda leaf: isinstance(leaf, QArray)  # noqa: E731
-    return jax.tree.map(lambda l: l.dequantize(jnp.float32) if is_q(l) else l, params, is_leaf=is_q)
+    return jax.tree.map(lambda a: a.dequantize(jnp.float32) if is_q(a) else a, params, is_leaf=is_q)
 
 
 def load_models() -> tuple[Any, Any, Any, str]:

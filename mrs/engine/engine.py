@@ -24,8 +24,8 @@ import numpy as np
 from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
-from mrs.engine.sampling import SampleOut, host_row
 from mrs.engine.placed import build_steps
+from mrs.engine.sampling import SampleOut, host_row
 from mrs.engine.steps import batch_buckets, bucket_for, kv_buckets
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from mrs.errors import LoadError
 from mrs.loading.gguf_reader import GGUFFile
-from mrs.models.config import ModelConfig
 from mrs.models import registry
+from mrs.models.config import ModelConfig
 
 
 def _common(g: GGUFFile) -> dict[str, Any]:

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from mrs.models.config import ModelConfig
 from mrs.models.layers import (
-    CausalLM,
     ACTIVATIONS,
+    CausalLM,
     Embedding,
     KVCache,
     LayerNorm,
