@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mrs.engine.bounds import SAMPLING
 from mrs.engine.types import SamplingParams, TokenLogprob, Usage
 
 
@@ -30,17 +31,17 @@ class _Sampling(_Request):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    n: int = Field(1, **SAMPLING["n"].field())  # the upper end is the engine's (or the server's) limit
+    max_tokens: int | None = Field(None, **SAMPLING["max_tokens"].field())
+    temperature: float = Field(1.0, **SAMPLING["temperature"].field())
+    top_p: float = Field(1.0, **SAMPLING["top_p"].field())
+    top_k: int = Field(0, **SAMPLING["top_k"].field())
+    min_p: float = Field(0.0, **SAMPLING["min_p"].field())
+    presence_penalty: float = Field(0.0, **SAMPLING["presence_penalty"].field())
+    frequency_penalty: float = Field(0.0, **SAMPLING["frequency_penalty"].field())
+    repetition_penalty: float = Field(1.0, **SAMPLING["repetition_penalty"].field())
     logit_bias: dict[int, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, **SAMPLING["seed"].field())
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -56,9 +57,10 @@ class _Sampling(_Request):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        bound = SAMPLING["logit_bias"]
         for token, bias in (value or {}).items():
-            if not -100 <= bias <= 100 or token < 0:
-                raise ValueError(f"logit_bias[{token}] must be a token id >= 0 with a bias in [-100, 100]")
+            if not bound.holds(bias) or token < 0:
+                raise ValueError(f"logit_bias[{token}] must be a token id >= 0 with a bias that {bound.describe()}")
         return value
 
     def sampling(self, logprobs: bool, top_logprobs: int, max_tokens: int | None) -> SamplingParams:
@@ -95,9 +97,9 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, **SAMPLING["max_tokens"].field())
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, **SAMPLING["top_logprobs"].field())
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -115,8 +117,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, **SAMPLING["max_tokens"].field())  # OpenAI's default for text completions
+    logprobs: int | None = Field(None, **SAMPLING["top_logprobs"].field())
     echo: bool = False
 
     @field_validator("prompt")
