@@ -364,11 +364,19 @@ class Engine:
         self._step_seconds = time.perf_counter() - step.started
         for i, seq in enumerate(step.owners):
             if seq is not None and not seq.done:
-                self._emit(seq, host, i)
+                self._emit_isolated(seq, host, i)
 
     def _emit_first(self, seq: _Seq, out: SampleOut) -> None:
         if not seq.done:
-            self._emit(seq, jax.device_get(out), 0)
+            self._emit_isolated(seq, jax.device_get(out), 0)
+
+    def _emit_isolated(self, seq: _Seq, host: SampleOut, row: int) -> None:
+        """``_emit``, where a failure (a detokenizer that raises, say) ends only ``seq``'s request."""
+        try:
+            self._emit(seq, host, row)
+        except Exception as exc:
+            log.exception("turning a token of %s into text failed", seq.req.request.request_id)
+            self._fail_request(seq.req, exc)
 
     def _emit(self, seq: _Seq, host: SampleOut, row: int) -> None:
         """Turn one sampled token into a delta (and maybe a finish) for ``seq``."""
