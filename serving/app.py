@@ -15,15 +15,20 @@ from quart_schema import QuartSchema, RequestSchemaValidationError, validate_req
 from quart_schema.openapi import Info
 from werkzeug.exceptions import HTTPException
 
+from mrs.config.schema import ServerConfig
 from mrs.engine.types import GenerationRequest
 from mrs.errors import InvalidRequest
-from serving import completions, protocol, sse
+from serving import completions, protocol, security, sse
 from serving.errors import envelope, to_reply, validation_message
+from serving.limits import Limits
 from serving.metrics import Metrics
+from serving.security import Keys
 from serving.table import LOADED, ModelTable
 
 
-def create_app(table: ModelTable) -> Quart:
+def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys | None = None) -> Quart:
+    server = server or ServerConfig()
+    limits = Limits.from_config(server)
     app = Quart("mrs")
     QuartSchema(app, info=Info(title="mrs", version="0.1.0"), openapi_path="/openapi.json",
                 swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None)
@@ -57,6 +62,10 @@ def create_app(table: ModelTable) -> Quart:
     async def _http(error: HTTPException) -> Response:
         if error.code == 400:  # raised by quart's JSON parsing
             return json_reply(envelope("the request body is not valid JSON", "invalid_request_error"), 400)
+        if error.code == 413:
+            message = (f"the request body is over this server's limit of {app.config['MRS_MAX_BODY']} bytes "
+                       "(--max-body, server.max_body)")
+            return json_reply(envelope(message, "invalid_request_error", None, "request_too_large"), 413)
         kind = "invalid_request_error" if (error.code or 500) < 500 else "server_error"
         return json_reply(envelope(f"{error.name}: {error.description}", kind), error.code or 500)
 
@@ -85,8 +94,10 @@ def create_app(table: ModelTable) -> Quart:
         model_id = table.resolve(data.model)
         served = table.get(model_id)
         ids = await asyncio.to_thread(served.encode_chat, data.template_messages())
-        job = completions.Job(served, model_id, GenerationRequest(ids, data.to_sampling(), protocol.new_id("chatcmpl")),
-                              chat=True, include_usage=data.include_usage)
+        sampling = data.to_sampling()
+        limits.apply(sampling, len(ids), "messages")
+        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("chatcmpl")),
+                              chat=True, include_usage=data.include_usage, timeout_s=limits.timeout_s)
         return await run_job(job, data.stream, "chat")
 
     @app.post("/v1/completions")
@@ -101,8 +112,11 @@ def create_app(table: ModelTable) -> Quart:
         else:
             ids = list(prompt)
             text = await asyncio.to_thread(served.tokenizer.decode, ids) if data.echo else ""
-        job = completions.Job(served, model_id, GenerationRequest(ids, data.to_sampling(), protocol.new_id("cmpl")),
-                              chat=False, include_usage=data.include_usage, echo=text if data.echo else "")
+        sampling = data.to_sampling()
+        limits.apply(sampling, len(ids), "prompt")
+        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("cmpl")),
+                              chat=False, include_usage=data.include_usage, echo=text if data.echo else "",
+                              timeout_s=limits.timeout_s)
         return await run_job(job, data.stream, "completions")
 
     # ---- models ----
@@ -188,4 +202,4 @@ def create_app(table: ModelTable) -> Quart:
     async def prometheus() -> Response:
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+    return security.install(app, server, keys or Keys())

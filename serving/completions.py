@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
+from mrs.engine.types import Event, Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.errors import ModelUnavailable, MrsError
 from mrs.pipeline import Pipeline
 from serving import protocol, sse
-from serving.errors import to_reply
+from serving.errors import RequestTimedOut, to_reply
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Job:
     chat: bool
     include_usage: bool = False
     echo: str = ""  # text completions with echo: the prompt text, prepended to the output
+    timeout_s: float | None = None  # the server's request_timeout_s
     created: int = field(default_factory=protocol.now)
 
     @property
@@ -42,6 +43,25 @@ class Job:
     @property
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+async def _within(job: Job, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """``events`` until the job's timeout, then ``RequestTimedOut``. Only the wait for the
+    engine is timed: a timeout around the caller's yields would cancel its task mid-write."""
+    if job.timeout_s is None:
+        async for event in events:
+            yield event
+        return
+    deadline = time.monotonic() + job.timeout_s
+    iterator = aiter(events)
+    while True:
+        try:
+            event = await asyncio.wait_for(anext(iterator), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimedOut(f"the generation ran past this server's request timeout of {job.timeout_s:g} s") from None
+        yield event
 
 
 def _cancelled_error() -> ModelUnavailable:
@@ -87,7 +107,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     finishes: dict[int, Finish] = {}
     timer = _Timer(metrics, job.model_id)
-    stream = job.served.engine.submit(job.request)
+    stream = _within(job, job.served.engine.submit(job.request))
     try:
         async for event in stream:
             if isinstance(event, TokenDelta):
@@ -158,7 +178,7 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
         if job.echo and not job.chat:
             for i in range(n):
                 yield chunk(i, job.echo, [], None)
-        async for event in events:
+        async for event in _within(job, events):
             if isinstance(event, TokenDelta):
                 timer.token()
                 if event.text or event.logprobs or not started[event.index]:
@@ -177,6 +197,9 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
         if job.include_usage:
             yield sse.event({"id": job.request.request_id, "object": job.chunk_object, "created": job.created,
                              "model": job.model_id, "choices": [], "usage": protocol.usage_dict(usage)})
+        yield sse.DONE
+    except RequestTimedOut as exc:
+        yield sse.event(to_reply(exc).body)
         yield sse.DONE
     except asyncio.CancelledError:
         log.info("client disconnected; cancelling %s", job.request.request_id)
