@@ -11,17 +11,18 @@ import json
 from typing import Any
 
 from quart import Quart, Response, request
-from quart_schema import QuartSchema, RequestSchemaValidationError, validate_request
+from quart_schema import QuartSchema, RequestSchemaValidationError, document_request, hide, validate_request
 from quart_schema.openapi import Info
 from werkzeug.exceptions import HTTPException
 
 from mrs.config.schema import ServerConfig
 from mrs.engine.types import GenerationRequest
 from mrs.errors import InvalidRequest
-from serving import completions, protocol, security, sse
+from serving import completions, protocol, responses, security, sse
 from serving.errors import envelope, to_reply, validation_message
 from serving.limits import Limits
 from serving.metrics import Metrics
+from serving.responses import documented
 from serving.security import Keys
 from serving.table import LOADED, ModelTable
 
@@ -31,7 +32,8 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
     limits = Limits.from_config(server)
     app = Quart("mrs")
     QuartSchema(app, info=Info(title="mrs", version="0.1.0"), openapi_path="/openapi.json",
-                swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None)
+                swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None,
+                openapi_provider_class=responses.OpenAPIWithStreams)
     metrics = Metrics(table.stats)
     app.config["MRS_STARTED"] = False  # set by the runner once startup loading is over
     app.config["RESPONSE_TIMEOUT"] = None  # a long generation is not a stalled response
@@ -89,6 +91,7 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
         return Response(chunks, headers=sse.HEADERS)
 
     @app.post("/v1/chat/completions")
+    @documented(responses.ChatCompletion)
     @validate_request(protocol.ChatCompletionRequest)
     async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
         model_id = table.resolve(data.model)
@@ -101,6 +104,7 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
         return await run_job(job, data.stream, "chat")
 
     @app.post("/v1/completions")
+    @documented(responses.Completion)
     @validate_request(protocol.CompletionRequest)
     async def text_completions(data: protocol.CompletionRequest) -> Response:
         model_id = table.resolve(data.model)
@@ -111,7 +115,7 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
             text = prompt
         else:
             ids = list(prompt)
-            text = await asyncio.to_thread(served.tokenizer.decode, ids) if data.echo else ""
+            text = await asyncio.to_thread(served.decode, ids, "prompt") if data.echo else ""
         sampling = data.to_sampling()
         limits.apply(sampling, len(ids), "prompt")
         job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("cmpl")),
@@ -125,10 +129,12 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
         return protocol.model_card(model_id, table.created(model_id), table.status(model_id))
 
     @app.get("/v1/models")
+    @documented(responses.ModelList)
     async def list_models() -> Response:
         return json_reply({"object": "list", "data": [card(m) for m in table.ids]})
 
     @app.get("/v1/models/<path:model>")
+    @documented(responses.ModelCard)
     async def get_model(model: str) -> Response:
         return json_reply(card(table.resolve(model)))
 
@@ -151,20 +157,27 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
         return json_reply(reply)
 
     @app.post("/v1/models/status")
+    @document_request(protocol.ModelIdRequest)
+    @documented(responses.ModelStatus)
     async def model_status() -> Response:
         return await manage("status")
 
     @app.post("/v1/models/unload")
+    @document_request(protocol.ModelIdRequest)
+    @documented(responses.ModelStatus)
     async def model_unload() -> Response:
         return await manage("unload")
 
     @app.post("/v1/models/reload")
+    @document_request(protocol.ModelIdRequest)
+    @documented(responses.ModelStatus)
     async def model_reload() -> Response:
         return await manage("reload")
 
     # ---- tokenizer ----
 
     @app.post("/tokenize")
+    @documented(responses.TokenizeResponse)
     @validate_request(protocol.TokenizeRequest)
     async def tokenize(data: protocol.TokenizeRequest) -> Response:
         model_id = table.resolve(data.model)
@@ -180,25 +193,24 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
                            "max_model_len": served.engine.context_limit})
 
     @app.post("/detokenize")
+    @documented(responses.DetokenizeResponse)
     @validate_request(protocol.DetokenizeRequest)
     async def detokenize(data: protocol.DetokenizeRequest) -> Response:
         model_id = table.resolve(data.model)
         served = table.get(model_id)
-        vocab = served.config.vocab_size
-        bad = [t for t in data.tokens if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"tokens: ids must be in [0, {vocab}); got {bad[0]}", param="tokens")
-        return json_reply({"model": model_id, "prompt": await asyncio.to_thread(served.tokenizer.decode, data.tokens)})
+        return json_reply({"model": model_id, "prompt": await asyncio.to_thread(served.decode, data.tokens)})
 
     # ---- operations ----
 
     @app.get("/health")
+    @documented(responses.Health, errors=(503,))
     async def health() -> Response:
         statuses = {m: table.status(m) for m in table.ids}
         ready = app.config["MRS_STARTED"] and any(s == LOADED for s in statuses.values())
         return json_reply({"status": "ok" if ready else "loading", "models": statuses}, 200 if ready else 503)
 
     @app.get("/metrics")
+    @hide  # Prometheus text, not part of the OpenAI API
     async def prometheus() -> Response:
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 

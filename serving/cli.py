@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 from mrs.config.mistralrs import load_multi_model_config
-from mrs.config.schema import (
-    GGUF, PLAIN, VISION_PLAIN, EngineConfig, ModelEntry, ModelSource, ServeConfig, ServerConfig,
-)
+from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, EngineConfig, ModelEntry, ModelSource, ServeConfig, ServerConfig
 from mrs.config.validate import check_serve_config
 from mrs.errors import ConfigError
 

@@ -8,9 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mrs.errors import (
-    ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelUnavailable, MrsError, Overloaded,
-)
+from mrs.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelUnavailable, MrsError, Overloaded
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1

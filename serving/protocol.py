@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from mrs.engine.bounds import SAMPLING
 from mrs.engine.types import SamplingParams, TokenLogprob, Usage
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON value of the wrong type (`"n": true`, `"temperature": "1"`) is a 400
+    # naming the field, not quietly coerced.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -40,7 +42,7 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, **SAMPLING["presence_penalty"].field())
     frequency_penalty: float = Field(0.0, **SAMPLING["frequency_penalty"].field())
     repetition_penalty: float = Field(1.0, **SAMPLING["repetition_penalty"].field())
-    logit_bias: dict[int, float] | None = None
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = None  # JSON object keys are strings
     seed: int | None = Field(None, **SAMPLING["seed"].field())
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None

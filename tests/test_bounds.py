@@ -19,7 +19,7 @@ EDGES = [
     ("top_p", 1.0, 1.01), ("top_p", 1e-6, 0.0),
     ("top_k", -1, -2), ("min_p", 1.0, 1.5), ("min_p", 0.0, -0.1),
     ("presence_penalty", -2.0, -2.1), ("frequency_penalty", 2.0, 2.1),
-    ("repetition_penalty", 0.01, 0.0), ("top_logprobs", 20, 21), ("max_tokens", 1, 0),
+    ("repetition_penalty", 0.01, 0.0), ("repetition_penalty", 100.0, 100.5), ("top_logprobs", 20, 21), ("max_tokens", 1, 0),
     ("seed", SEED_MAX, SEED_MAX + 1), ("seed", SEED_MIN, SEED_MIN - 1), ("n", 1, 0),
     ("temperature", 1.0, float("nan")), ("temperature", 1.0, float("inf")),
 ]

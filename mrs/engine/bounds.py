@@ -58,7 +58,7 @@ SAMPLING = {
     "min_p": Bound(0.0, 1.0),
     "presence_penalty": Bound(-2.0, 2.0),
     "frequency_penalty": Bound(-2.0, 2.0),
-    "repetition_penalty": Bound(0.0, lo_open=True),
+    "repetition_penalty": Bound(0.0, 100.0, lo_open=True),  # far past 100 a float32 factor overflows
     "logit_bias": Bound(-100.0, 100.0),  # each bias value
     "top_logprobs": Bound(0, MAX_TOP_LOGPROBS),
     "n": Bound(1),  # the upper end is the engine's max_batch (or the server's max_n)

@@ -301,8 +301,9 @@ class Engine:
         """Insert ``seq``'s sampling row into ``slot`` and prefill its prompt (chunked)."""
         request = seq.req.request
         sp = request.sampling
+        vocab = self.checkpoint.config.vocab_size
         row = host_row(
-            self.checkpoint.config.vocab_size, temperature=sp.temperature, top_k=max(sp.top_k, 0),
+            vocab, temperature=sp.temperature, top_k=min(max(sp.top_k, 0), vocab),  # k >= vocab keeps all, as 0 does
             top_p=sp.top_p, min_p=sp.min_p, presence=sp.presence_penalty, frequency=sp.frequency_penalty,
             repetition=sp.repetition_penalty, seed=seq.req.seed, choice=seq.index,
             top_logprobs=sp.top_logprobs if sp.logprobs else 0, logit_bias=sp.logit_bias,
