@@ -277,3 +277,26 @@ def test_a_failing_detokenizer_ends_only_its_request(engine, monkeypatch) -> Non
     assert not engine._requests  # nothing of either request is left behind
     stats = engine.stats()
     assert stats["slots_busy"] == 0 and stats["queue_depth"] == 0 and engine.healthy
+
+
+def test_a_queue_longer_than_the_slots_drains_without_new_submits(tiny) -> None:
+    """Requests that finish in a step's collection free their slots after that iteration's
+    admission; the engine must then admit the waiting ones instead of sleeping until the next
+    submit (it used to: 20 requests on 2 slots stopped after 4)."""
+    checkpoint = tiny[0]
+    small = Engine.from_parts(checkpoint.config, checkpoint.params, checkpoint.tokenizer, checkpoint.eos_token_ids,
+                              EngineConfig(max_batch=2, max_seq_len=64, prefill_buckets=[16])).start()
+    try:
+        requests = [GenerationRequest(prompt(6, seed=i), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+                    for i in range(20)]
+
+        async def all_of_them():
+            return await asyncio.wait_for(asyncio.gather(*(events(small.submit(r)) for r in requests)), 60)
+
+        async def events(stream) -> list:
+            return [event async for event in stream]
+
+        finished = asyncio.run(all_of_them())
+        assert [e[-1].reason for e in finished] == ["length"] * 20
+    finally:
+        small.shutdown()

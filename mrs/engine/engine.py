@@ -251,10 +251,16 @@ class Engine:
                 pending = None
                 self._reset(exc)
                 continue
-            if pending is None and not admitted:
+            if pending is None and not admitted and not self._admissible():
                 self._wake.wait()
                 self._wake.clear()
         self._close()
+
+    def _admissible(self) -> bool:
+        """Requests wait and a slot is free: the last step's collection just freed one, and
+        no submit is coming to wake the thread (it used to sleep here with a full queue)."""
+        with self._lock:
+            return bool(self._waiting) and any(s is None for s in self._slots)
 
     def _warmup(self) -> None:
         """Compile every prefill bucket, chunk continuation and decode kv bucket."""
