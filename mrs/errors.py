@@ -16,6 +16,10 @@ class InvalidRequest(MrsError):
     """A request field is missing, malformed or out of range (HTTP 400)."""
 
 
+class ModelExists(InvalidRequest):
+    """A model with that id is already configured (HTTP 409)."""
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus max_tokens exceed the model's context (HTTP 400, code context_length_exceeded)."""
 

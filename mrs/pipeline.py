@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from mrs.config.schema import EngineConfig, ModelEntry, entry_from_dict
+from mrs.config.schema import EngineConfig, ModelEntry, engine_for, entry_from_dict
 from mrs.engine.engine import Engine
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta, TokenLogprob
 from mrs.errors import ConfigError, InvalidRequest
@@ -159,12 +159,21 @@ def _entry(model: str | dict[str, Any] | ModelEntry) -> ModelEntry:
     if isinstance(model, ModelEntry):
         return model
     if isinstance(model, dict):
+        if _is_seed_entry(model):  # {"model_id": ..., "model": {"Gguf": {...}}, ...}: the JSON file's form
+            from mrs.config.mistralrs import parse_multi_model_config
+
+            return parse_multi_model_config([model], source="mrs.load")[0]
         return entry_from_dict(model)
     if isinstance(model, str):
         from mrs.config.hydra import model_preset  # Hydra only when a preset is named
 
         return model_preset(model)
     raise ConfigError(f"mrs.load takes a preset name, a dict or a ModelEntry, not {type(model).__name__}")
+
+
+def _is_seed_entry(data: dict[str, Any]) -> bool:
+    spec = data.get("model")
+    return isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("Plain", "Gguf", "VisionPlain")
 
 
 def _engine_config(engine: str | dict[str, Any] | EngineConfig | None) -> EngineConfig:
@@ -202,4 +211,4 @@ def load(
     except TypeError as err:
         raise ConfigError(f"mrs.load: {err}") from None
     checkpoint = load_checkpoint(entry)
-    return Pipeline(entry, checkpoint, Engine(checkpoint, _engine_config(engine)).start())
+    return Pipeline(entry, checkpoint, Engine(checkpoint, engine_for(entry, _engine_config(engine))).start())

@@ -7,7 +7,9 @@ generation on each model's engine thread, so the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from quart import Quart, Response, request
@@ -15,16 +17,18 @@ from quart_schema import QuartSchema, RequestSchemaValidationError, document_req
 from quart_schema.openapi import Info
 from werkzeug.exceptions import HTTPException
 
+from mrs.config.mistralrs import parse_multi_model_config
 from mrs.config.schema import ServerConfig
 from mrs.engine.types import GenerationRequest
-from mrs.errors import InvalidRequest
+from mrs.errors import ConfigError, InvalidRequest, ModelUnavailable
+from mrs.pipeline import Pipeline
 from serving import completions, protocol, responses, security, sse
 from serving.errors import envelope, to_reply, validation_message
 from serving.limits import Limits
 from serving.metrics import Metrics
 from serving.responses import documented
 from serving.security import Keys
-from serving.table import LOADED, ModelTable
+from serving.table import FAILED, Lease, ModelTable, check_entry
 
 
 def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys | None = None) -> Quart:
@@ -77,61 +81,121 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
 
     # ---- completions ----
 
-    async def run_job(job: completions.Job, stream: bool, endpoint: str) -> Response:
+    async def acquire(model: str | None, keep_alive: str | float | None = None) -> Lease:
+        """A lease on the request's model, loading it first when it is not loaded (one load
+        however many requests wait for it; a model evicted meanwhile is loaded again)."""
+        model_id = table.resolve(model)
+        deadline = asyncio.get_running_loop().time() + server.load_timeout_s
+        while True:
+            future = table.ensure_loaded(model_id)
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
+                                       max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                raise ModelUnavailable(f"model {model_id!r} is still loading after {server.load_timeout_s:g} s; "
+                                       "retry shortly", param="model") from None
+            try:
+                return table.lease(model_id, keep_alive)
+            except ModelUnavailable:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise  # unloaded again between its load and this lease, until the deadline
+
+    async def run_job(job: completions.Job, stream: bool, endpoint: str, lease: Lease) -> Response:
         try:
             if not stream:
                 body = await completions.complete(job, metrics)
                 count(job.model_id, endpoint, 200)
+                lease.release()
                 return json_reply(body)
             chunks = completions.stream(job, metrics)
         except Exception as exc:
+            lease.release()
             count(job.model_id, endpoint, to_reply(exc).status)
             raise
         count(job.model_id, endpoint, 200)
-        return Response(chunks, headers=sse.HEADERS)
+        return Response(_released(chunks, lease), headers=sse.HEADERS)
 
     @app.post("/v1/chat/completions")
     @documented(responses.ChatCompletion)
     @validate_request(protocol.ChatCompletionRequest)
     async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
         model_id = table.resolve(data.model)
-        served = table.get(model_id)
-        ids = await asyncio.to_thread(served.encode_chat, data.template_messages())
-        sampling = data.to_sampling()
-        limits.apply(sampling, len(ids), "messages")
-        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("chatcmpl")),
-                              chat=True, include_usage=data.include_usage, timeout_s=limits.timeout_s)
-        return await run_job(job, data.stream, "chat")
+        lease = await acquire(model_id, data.keep_alive)
+        try:
+            served = lease.served
+            ids = await asyncio.to_thread(served.encode_chat, data.template_messages())
+            sampling = data.to_sampling()
+            limits.apply(sampling, len(ids), "messages")
+            job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("chatcmpl")),
+                                  chat=True, include_usage=data.include_usage, timeout_s=limits.timeout_s)
+        except BaseException:
+            lease.release()
+            raise
+        return await run_job(job, data.stream, "chat", lease)
 
     @app.post("/v1/completions")
     @documented(responses.Completion)
     @validate_request(protocol.CompletionRequest)
     async def text_completions(data: protocol.CompletionRequest) -> Response:
         model_id = table.resolve(data.model)
-        served = table.get(model_id)
-        prompt = data.single_prompt()
-        if isinstance(prompt, str):
-            ids = await asyncio.to_thread(served.encode, prompt)
-            text = prompt
-        else:
-            ids = list(prompt)
-            text = await asyncio.to_thread(served.decode, ids, "prompt") if data.echo else ""
-        sampling = data.to_sampling()
-        limits.apply(sampling, len(ids), "prompt")
-        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("cmpl")),
-                              chat=False, include_usage=data.include_usage, echo=text if data.echo else "",
-                              timeout_s=limits.timeout_s)
-        return await run_job(job, data.stream, "completions")
+        lease = await acquire(model_id, data.keep_alive)
+        try:
+            served = lease.served
+            prompt = data.single_prompt()
+            if isinstance(prompt, str):
+                ids = await asyncio.to_thread(served.encode, prompt)
+                text = prompt
+            else:
+                ids = list(prompt)
+                text = await asyncio.to_thread(served.decode, ids, "prompt") if data.echo else ""
+            sampling = data.to_sampling()
+            limits.apply(sampling, len(ids), "prompt")
+            job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("cmpl")),
+                                  chat=False, include_usage=data.include_usage, echo=text if data.echo else "",
+                                  timeout_s=limits.timeout_s)
+        except BaseException:
+            lease.release()
+            raise
+        return await run_job(job, data.stream, "completions", lease)
 
     # ---- models ----
 
     def card(model_id: str) -> dict[str, Any]:
-        return protocol.model_card(model_id, table.created(model_id), table.status(model_id))
+        return protocol.model_card(model_id, table.created(model_id), table.card(model_id))
 
     @app.get("/v1/models")
     @documented(responses.ModelList)
     async def list_models() -> Response:
         return json_reply({"object": "list", "data": [card(m) for m in table.ids]})
+
+    @app.post("/v1/models")
+    @documented(responses.ModelCard, status=201)
+    async def add_model() -> Response:
+        body = await request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the body must be one model entry of the multi-model JSON format, e.g. "
+                                 '{"model_id": "m", "model": {"Gguf": {"quantized_model_id": "...", '
+                                 '"quantized_filename": "..."}}}')
+        load_now = body.pop("load", True)
+        if not isinstance(load_now, bool):
+            raise InvalidRequest("load: must be true or false", param="load")
+        try:
+            (entry,) = parse_multi_model_config([body], source="the new model")
+            check_entry(entry)
+        except ConfigError as e:
+            raise InvalidRequest(e.message, param=e.param) from None
+        future = table.add(entry, load_now)
+        if future is not None:
+            with contextlib.suppress(ModelUnavailable):  # a failed load stays in the table as failed
+                await asyncio.wrap_future(future)
+        return json_reply(card(entry.model_id), 201)
+
+    @app.delete("/v1/models/<path:model>")
+    @documented(responses.ModelDeleted)
+    async def delete_model(model: str) -> Response:
+        model_id = table.resolve(model)
+        await asyncio.to_thread(table.remove, model_id)
+        return json_reply({"id": model_id, "object": "model", "deleted": True})
 
     @app.get("/v1/models/<path:model>")
     @documented(responses.ModelCard)
@@ -181,7 +245,10 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
     @validate_request(protocol.TokenizeRequest)
     async def tokenize(data: protocol.TokenizeRequest) -> Response:
         model_id = table.resolve(data.model)
-        served = table.get(model_id)
+        with await acquire(model_id) as served:
+            return await _tokenize(model_id, served, data)
+
+    async def _tokenize(model_id: str, served: Pipeline, data: protocol.TokenizeRequest) -> Response:
         if data.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in data.messages]
             ids = await asyncio.to_thread(served.encode_chat, messages)
@@ -197,8 +264,8 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
     @validate_request(protocol.DetokenizeRequest)
     async def detokenize(data: protocol.DetokenizeRequest) -> Response:
         model_id = table.resolve(data.model)
-        served = table.get(model_id)
-        return json_reply({"model": model_id, "prompt": await asyncio.to_thread(served.decode, data.tokens)})
+        with await acquire(model_id) as served:
+            return json_reply({"model": model_id, "prompt": await asyncio.to_thread(served.decode, data.tokens)})
 
     # ---- operations ----
 
@@ -206,7 +273,7 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
     @documented(responses.Health, errors=(503,))
     async def health() -> Response:
         statuses = {m: table.status(m) for m in table.ids}
-        ready = app.config["MRS_STARTED"] and any(s == LOADED for s in statuses.values())
+        ready = app.config["MRS_STARTED"] and statuses[table.default_id] != FAILED
         return json_reply({"status": "ok" if ready else "loading", "models": statuses}, 200 if ready else 503)
 
     @app.get("/metrics")
@@ -215,3 +282,12 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     return security.install(app, server, keys or Keys())
+
+
+async def _released(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
+    """The SSE body, releasing the model's lease when the stream ends or the client leaves."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        lease.release()

@@ -110,6 +110,18 @@ def _access_options(parser: argparse.ArgumentParser) -> None:
                        help="end a generation still running after S seconds with an error (default: none)")
     group.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     group.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
+    life = parser.add_argument_group("model lifecycle")
+    life.add_argument("--no-autoload", action="store_true",
+                      help="a request to a model that is not loaded gets 503 instead of loading it")
+    life.add_argument("--keep-alive", metavar="DURATION",
+                      help="unload a model idle this long (5m, 30s, 0; -1: pinned, never unloaded); default: never")
+    life.add_argument("--max-loaded-models", type=int, metavar="N",
+                      help="evict the least recently used idle model to load another past N")
+    life.add_argument("--max-memory", metavar="SIZE",
+                      help="evict idle models to keep parameters + KV caches under SIZE (12GiB) or a fraction "
+                           "of the device's memory (0.8)")
+    life.add_argument("--load-timeout", type=float, default=ServerConfig.load_timeout_s, metavar="S",
+                      help="how long a request waits for its model to load (default %(default)s s)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -147,6 +159,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             metrics_need_key=args.metrics_need_key, cors_origins=args.cors_origin, max_body=args.max_body,
             max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens,
             request_timeout_s=args.request_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+            autoload=not args.no_autoload, keep_alive=args.keep_alive, max_loaded_models=args.max_loaded_models,
+            max_memory=args.max_memory, load_timeout_s=args.load_timeout,
         ),
         engine=engine,
         models=models,

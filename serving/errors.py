@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mrs.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelUnavailable, MrsError, Overloaded
+from mrs.errors import ContextLengthExceeded, InvalidRequest, ModelExists, ModelNotFound, ModelUnavailable, MrsError, Overloaded
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -63,6 +63,8 @@ def to_reply(exc: BaseException) -> ErrorReply:
     if isinstance(exc, ContextLengthExceeded):
         return ErrorReply(400, envelope(exc.message, "invalid_request_error", exc.param or "messages",
                                         "context_length_exceeded"))
+    if isinstance(exc, ModelExists):
+        return ErrorReply(409, envelope(exc.message, "invalid_request_error", exc.param, "model_exists"))
     if isinstance(exc, InvalidRequest):
         return ErrorReply(400, envelope(exc.message, "invalid_request_error", exc.param))
     if isinstance(exc, ModelNotFound):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -22,17 +22,25 @@ class _EngineGauges(Collector):
     def __init__(self, stats: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         queue = GaugeMetricFamily("mrs_queue_depth", "Requests waiting for a slot", labels=["model"])
         busy = GaugeMetricFamily("mrs_busy_slots", "Decode slots in use", labels=["model"])
         slots = GaugeMetricFamily("mrs_slots", "Decode slots in total", labels=["model"])
         loaded = GaugeMetricFamily("mrs_model_loaded", "1 when the model serves requests", labels=["model"])
+        size = GaugeMetricFamily("mrs_model_loaded_bytes", "Parameter and KV cache bytes a loaded model holds",
+                                 labels=["model"])
+        events = {name: CounterMetricFamily(f"mrs_model_{name}", help_, labels=["model"]) for name, help_ in (
+            ("loads", "Completed model loads"), ("unloads", "Unloads (requested, expired, removed)"),
+            ("evictions", "Unloads to make room for another model"), ("load_seconds", "Seconds spent loading"))}
         for model, stats in self._stats().items():
             queue.add_metric([model], stats.get("queue_depth", 0))
             busy.add_metric([model], stats.get("busy_slots", 0))
             slots.add_metric([model], stats.get("slots", 0))
             loaded.add_metric([model], 1 if stats.get("status") == "loaded" else 0)
-        yield from (queue, busy, slots, loaded)
+            size.add_metric([model], stats.get("loaded_bytes", 0))
+            for name, family in events.items():
+                family.add_metric([model], stats.get(name, 0))
+        yield from (queue, busy, slots, loaded, size, *events.values())
 
 
 class Metrics:

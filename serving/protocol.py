@@ -47,6 +47,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    keep_alive: str | float | None = None  # Ollama's: the model's idle time-to-live from now on ("5m", 0, -1)
     user: str | None = None
 
     @field_validator("stop")
@@ -204,5 +205,6 @@ def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any
     }
 
 
-def model_card(model_id: str, created: int, status: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "local", "status": status}
+def model_card(model_id: str, created: int, state: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's model object plus mrs's state fields (status, pinned, last_used, expires_at, memory)."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "local", **state}

@@ -39,6 +39,12 @@ class ModelCard(_Open):
     status: str
 
 
+class ModelDeleted(_Open):
+    id: str
+    object: Literal["model"]
+    deleted: bool
+
+
 class ModelList(_Open):
     object: Literal["list"]
     data: list[ModelCard]

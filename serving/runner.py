@@ -22,19 +22,20 @@ from hypercorn.config import Config as HypercornConfig
 from mrs.config.schema import ServeConfig
 from mrs.config.validate import check_serve_config
 from mrs.errors import ConfigError, MrsError
-from mrs.models.registry import ARCHS
 from serving.app import create_app
 from serving.security import Keys
-from serving.table import ModelTable
+from serving.table import ModelTable, check_entry
 
 log = logging.getLogger("mrs.server")
 
 
 def run(config: ServeConfig) -> int:
     """Serve until a signal; returns the process exit code."""
+    # force: an import may have put a handler on the root logger already (absl, through
+    # orbax-checkpoint, does), which would make basicConfig a no-op and the log silent.
     logging.basicConfig(
         level=config.server.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
     )
     if config.server.log_level.lower() != "debug":
         # orbax-checkpoint narrates each restore of a conversion in ~10 INFO lines through absl;
@@ -42,7 +43,8 @@ def run(config: ServeConfig) -> int:
         logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         check_serve_config(config)
-        _check_archs(config)
+        for entry in config.models:
+            check_entry(entry)
         keys = Keys.from_config(config.server, os.environ)  # the one read of $MRS_API_KEY
         if not config.interactive:
             _check_port(config.server.host, config.server.port)
@@ -54,17 +56,6 @@ def run(config: ServeConfig) -> int:
 
         return chat_loop(config)
     return asyncio.run(_serve(config, keys))
-
-
-def _check_archs(config: ServeConfig) -> None:
-    """An unknown ``arch`` is a config error, reported before any model loads."""
-    for entry in config.models:
-        arch = entry.model.arch
-        if arch is not None and arch not in ARCHS:
-            raise ConfigError(
-                f"model {entry.model_id!r}: unsupported architecture {arch!r}; supported: {', '.join(sorted(ARCHS))}",
-                param="arch",
-            )
 
 
 def _check_port(host: str, port: int) -> None:
@@ -90,16 +81,21 @@ async def _serve(config: ServeConfig, keys: Keys) -> int:
     def load_models() -> None:
         """Startup loading, on a daemon thread so a signal during warm-up need not wait for it."""
         nonlocal exit_code
+
+        def default_ready() -> None:  # /health turns 200; the other models may still be loading
+            app.config["MRS_STARTED"] = True
+            log.info("serving on %s://%s:%d (OpenAI API under /v1%s)", "https" if tls else "http",
+                     config.server.host, config.server.port, "; API keys required" if keys.enabled else "")
+
         try:
-            table.load_all()
+            table.load_all(on_default_ready=default_ready)
         except MrsError as e:
             log.error("startup failed: %s", e.message)
         except Exception:
             log.exception("startup failed")
         else:
-            app.config["MRS_STARTED"] = True
-            log.info("serving on %s://%s:%d (OpenAI API under /v1%s)", "https" if tls else "http",
-                     config.server.host, config.server.port, "; API keys required" if keys.enabled else "")
+            if not app.config["MRS_STARTED"]:  # the default model failed; the others serve
+                default_ready()
             return
         exit_code = 1
         loop.call_soon_threadsafe(stop.set)
@@ -120,7 +116,7 @@ async def _serve(config: ServeConfig, keys: Keys) -> int:
         log.info("stopping engines")
         table.abort_loading()
         await asyncio.to_thread(table.shutdown)
-    if loader.is_alive():
+    if loader.is_alive() or table.loading:
         # A model is mid warm-up and XLA cannot be interrupted: leave without waiting
         # (and without interpreter teardown racing the compiling thread).
         log.info("server stopped while a model was still loading")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry, ModelSource
+from mrs.config.units import parse_duration
 from mrs.config.validate import check_unique_ids
 from mrs.errors import ConfigError
 
@@ -26,10 +27,11 @@ _SPECS: dict[str, tuple[str, frozenset[str]]] = {
     "VisionPlain": (VISION_PLAIN, frozenset({"model_id", "arch", "dtype", "tok_model_id"})),
     "Gguf": (GGUF, frozenset({"quantized_model_id", "quantized_filename", "tok_model_id", "dtype"})),
 }
-# Entry-level options shared by both shapes (isq_embeddings and the last three are mrs extensions).
+# Entry-level options shared by both shapes (isq_embeddings and all after in_situ_quant are mrs extensions).
 _OPTIONS = frozenset({
     "chat_template", "jinja_explicit", "num_device_layers", "in_situ_quant",
     "isq_embeddings", "dtype", "dequantize_gguf", "tensor_parallel",
+    "lazy", "keep_alive", "max_seqs", "max_seq_len", "prefill_buckets",
 })
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -186,4 +188,24 @@ def _entry(model_id: str, source: ModelSource, dtype: str | None, item: dict, wh
     if tp is not None and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
         raise ConfigError(f"{where}: 'tensor_parallel' must be a positive integer", param="tensor_parallel")
     entry.tensor_parallel = tp
+    if "lazy" in item:
+        if not isinstance(item["lazy"], bool):
+            raise ConfigError(f"{where}: 'lazy' must be true or false", param="lazy")
+        entry.lazy = item["lazy"]
+    if item.get("keep_alive") is not None:
+        entry.keep_alive = str(item["keep_alive"])
+        try:
+            parse_duration(entry.keep_alive, "keep_alive")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e.message}", param="keep_alive") from None
+    for key in ("max_seqs", "max_seq_len"):
+        value = item.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: '{key}' must be a positive integer", param=key)
+        setattr(entry, key, value)
+    buckets = item.get("prefill_buckets")
+    if buckets is not None:
+        if not (isinstance(buckets, list) and buckets and all(isinstance(b, int) and b >= 1 for b in buckets)):
+            raise ConfigError(f"{where}: 'prefill_buckets' must be a list of positive integers", param="prefill_buckets")
+        entry.prefill_buckets = sorted(set(buckets))
     return entry

@@ -7,6 +7,7 @@ hold unions of dataclasses. Every field but the ids has a default.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,13 @@ class ModelEntry:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     dequantize_gguf: bool = False  # expand GGUF tensors to dtype instead of keeping them packed
     tensor_parallel: int | None = None  # shard every layer over N devices instead
+    # Lifecycle (the server's model registry)
+    lazy: bool = False  # skip loading at start-up; the first request (or reload) loads it
+    keep_alive: str | None = None  # idle time before unloading ("5m", "30s", "0", "-1" = never); None: server's
+    # This model's own engine settings (None: the server's engine config)
+    max_seqs: int | None = None
+    max_seq_len: int | None = None
+    prefill_buckets: list[int] | None = None
 
 
 @dataclass
@@ -72,6 +80,12 @@ class ServerConfig:
     # TLS: both or neither
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    # Model lifecycle
+    autoload: bool = True  # a request to a model that is not loaded loads it (else 503)
+    keep_alive: str | None = None  # every model's idle time-to-live ("5m", "30s", "0"; "-1": pinned); None: none
+    max_loaded_models: int | None = None  # evict the least recently used idle, unpinned model past this count
+    max_memory: str | None = None  # "12GiB", or a fraction of the device's memory such as "0.8"
+    load_timeout_s: float = 600.0  # how long a request waits for its model to load (then 503)
 
 
 @dataclass
@@ -81,6 +95,16 @@ class ServeConfig:
     models: list[ModelEntry] = field(default_factory=list)
     default_model_id: str | None = None
     interactive: bool = False
+
+
+def engine_for(entry: ModelEntry, engine: EngineConfig) -> EngineConfig:
+    """The server's engine config with the entry's own settings applied."""
+    return dataclasses.replace(
+        engine,
+        max_batch=entry.max_seqs or engine.max_batch,
+        max_seq_len=entry.max_seq_len or engine.max_seq_len,
+        prefill_buckets=list(entry.prefill_buckets or engine.prefill_buckets),
+    )
 
 
 def entry_from_dict(data: dict[str, Any]) -> ModelEntry:

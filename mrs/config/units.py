@@ -1,4 +1,5 @@
-"""Sizes as people write them in configs and flags: ``8MiB``, ``512KB``, ``1.5GiB``, ``1000``."""
+"""Sizes and durations as people write them in configs and flags: ``8MiB``, ``512KB``,
+``1000``; ``5m``, ``30s``, ``1h``, ``90`` (seconds)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,19 @@ def parse_size(text: str | int, param: str) -> int:
     if size < 1:
         raise ConfigError(f"{param}: {text!r} must be at least 1 byte", param=param)
     return size
+
+
+_DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*")
+_SECONDS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | float, param: str) -> float | None:
+    """Seconds in ``text`` (Ollama's keep_alive forms); ``None`` for a negative one (= forever)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.fullmatch(str(text))
+        if not match:
+            raise ConfigError(f"{param}: {text!r} is not a duration (e.g. 5m, 30s, 1h, 0, -1)", param=param)
+        seconds = float(match[1]) * _SECONDS[match[2]]
+    return None if seconds < 0 else seconds

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry, ServeConfig, ServerConfig
-from mrs.config.units import parse_size
+from mrs.config.units import parse_duration, parse_size
 from mrs.errors import ConfigError
 
 
@@ -38,21 +38,32 @@ def check_serve_config(config: ServeConfig) -> None:
     check_unique_ids(config.models, "models")
     check_default_model_id(config.models, config.default_model_id)
     for entry in config.models:
-        where = f"model {entry.model_id!r}"
-        kind = entry.model.kind
-        if kind == VISION_PLAIN:
-            raise ConfigError(f"{where}: vision models (VisionPlain / vision-plain) are not supported yet")
-        if kind == PLAIN and not entry.model.model_id:
-            raise ConfigError(f"{where}: Plain needs a model_id (hub repo or local path)", param="model_id")
-        if kind == GGUF and not entry.model.quantized_model_id:
-            raise ConfigError(f"{where}: Gguf needs a quantized_model_id (hub repo, dir or file)",
-                              param="quantized_model_id")
-        if kind not in (PLAIN, GGUF, VISION_PLAIN):
-            raise ConfigError(f"{where}: unknown model kind {kind!r}; expected plain, gguf or vision_plain")
+        check_entry(entry)
     engine = config.engine
     if engine.max_batch < 1 or engine.max_seq_len < 1 or engine.max_queue < 0:
         raise ConfigError("engine: max_batch and max_seq_len must be >= 1, max_queue >= 0")
     check_server_config(config.server)
+
+
+def check_entry(entry: ModelEntry) -> None:
+    """What can be wrong with one entry without touching its checkpoint."""
+    where = f"model {entry.model_id!r}"
+    kind = entry.model.kind
+    if kind == VISION_PLAIN:
+        raise ConfigError(f"{where}: vision models (VisionPlain / vision-plain) are not supported yet")
+    if kind == PLAIN and not entry.model.model_id:
+        raise ConfigError(f"{where}: Plain needs a model_id (hub repo or local path)", param="model_id")
+    if kind == GGUF and not entry.model.quantized_model_id:
+        raise ConfigError(f"{where}: Gguf needs a quantized_model_id (hub repo, dir or file)",
+                          param="quantized_model_id")
+    if kind not in (PLAIN, GGUF, VISION_PLAIN):
+        raise ConfigError(f"{where}: unknown model kind {kind!r}; expected plain, gguf or vision_plain")
+    for name in ("max_seqs", "max_seq_len"):
+        value = getattr(entry, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{where}: {name} must be >= 1", param=name)
+    if entry.keep_alive is not None:
+        parse_duration(entry.keep_alive, "keep_alive")
 
 
 def check_server_config(server: ServerConfig) -> None:
@@ -66,6 +77,20 @@ def check_server_config(server: ServerConfig) -> None:
     if server.request_timeout_s is not None and not server.request_timeout_s > 0:
         raise ConfigError(f"server.request_timeout_s must be > 0 (or unset), got {server.request_timeout_s}",
                           param="request_timeout_s")
+    if server.keep_alive is not None:
+        parse_duration(server.keep_alive, "keep_alive")
+    if server.max_loaded_models is not None and server.max_loaded_models < 1:
+        raise ConfigError(f"server.max_loaded_models must be >= 1 (or unset), got {server.max_loaded_models}",
+                          param="max_loaded_models")
+    if server.max_memory is not None:
+        try:
+            fraction_ok = 0 < float(server.max_memory) <= 1
+        except ValueError:
+            fraction_ok = False
+        if not fraction_ok:
+            parse_size(server.max_memory, "max_memory")
+    if not server.load_timeout_s > 0:
+        raise ConfigError(f"server.load_timeout_s must be > 0, got {server.load_timeout_s}", param="load_timeout_s")
     if bool(server.ssl_certfile) != bool(server.ssl_keyfile):
         raise ConfigError("TLS needs both ssl_certfile and ssl_keyfile", param="ssl_certfile")
     for name in ("ssl_certfile", "ssl_keyfile", "api_key_file"):

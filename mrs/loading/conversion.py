@@ -92,7 +92,7 @@ def load_conversion(entry: ModelEntry) -> Checkpoint:
     """
     root = Path(str(entry.model.model_id)).expanduser().resolve()
     meta = read_marker(root)
-    config = _model_config(meta["config"], root)
+    config = model_config(meta["config"], root)
     _check_entry(entry, meta, config, root)
     tok_dir = resolve_dir(entry.model.tok_model_id) if entry.model.tok_model_id else root / TOKENIZER
     notes = [f"restored from an mrs conversion of {meta['source']}"]
@@ -148,7 +148,7 @@ def restore_params(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     return jax.device_put(host)
 
 
-def _model_config(data: dict[str, Any], root: Path) -> ModelConfig:
+def model_config(data: dict[str, Any], root: Path) -> ModelConfig:
     try:  # JSON turned the config's tuples into lists
         return ModelConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in data.items()})
     except (TypeError, ValueError) as err:
