@@ -177,3 +177,12 @@ def test_add_and_remove_at_runtime(checkpoint: Path) -> None:
     removed.join(30)
     assert t.ids == ["a"]
     t.shutdown()
+
+
+def test_the_python_api_takes_the_json_files_entry_form(checkpoint: Path) -> None:
+    seed_entry = {"model_id": "t", "model": {"Plain": {"model_id": str(checkpoint), "arch": "llama"}},
+                  "max_seqs": 1, "keep_alive": "5m"}
+    with load(seed_entry, ENGINE) as pipe:
+        assert pipe.entry.model_id == "t" and pipe.entry.keep_alive == "5m"
+        assert pipe.engine.max_batch == 1  # the entry's own engine setting
+        assert len(pipe.generate([5, 6, 7], max_tokens=3, ignore_eos=True).token_ids) == 3
