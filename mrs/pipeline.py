@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from mrs.config.schema import EngineConfig, ModelEntry, engine_for, entry_from_dict
 from mrs.engine.engine import Engine
+from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta, TokenLogprob
 from mrs.errors import ConfigError, InvalidRequest
 from mrs.loading.chat_template import render_chat
@@ -71,6 +72,31 @@ class Pipeline:
     @property
     def config(self) -> ModelConfig:
         return self.checkpoint.config
+
+    # ---- what the server calls (it never reaches into the engine or the checkpoint) ----
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request on the engine; its event stream (see ``Engine.submit``)."""
+        return self.engine.submit(request)
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    @property
+    def context_limit(self) -> int:
+        return self.engine.context_limit
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.checkpoint.chat_template is not None
+
+    @property
+    def notes(self) -> list[str]:
+        """What loading decided that a log reader wants to know (template, placement, ISQ)."""
+        return self.checkpoint.notes
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A raw prompt's ids (token ids pass through), with BOS where the checkpoint wants one."""

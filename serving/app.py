@@ -257,7 +257,7 @@ def create_app(table: ModelTable, server: ServerConfig | None = None, keys: Keys
         else:
             ids = await asyncio.to_thread(served.tokenizer.encode, data.prompt, add_special_tokens=False)
         return json_reply({"model": model_id, "tokens": ids, "count": len(ids),
-                           "max_model_len": served.engine.context_limit})
+                           "max_model_len": served.context_limit})
 
     @app.post("/detokenize")
     @documented(responses.DetokenizeResponse)

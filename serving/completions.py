@@ -107,7 +107,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     finishes: dict[int, Finish] = {}
     timer = _Timer(metrics, job.model_id)
-    stream = _within(job, job.served.engine.submit(job.request))
+    stream = _within(job, job.served.submit(job.request))
     try:
         async for event in stream:
             if isinstance(event, TokenDelta):
@@ -122,7 +122,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
                     raise _cancelled_error()
     finally:
         if len(finishes) < n:  # the client went away (or an error): free the slots now
-            job.served.engine.cancel(job.request.request_id)
+            job.served.cancel(job.request.request_id)
     usage = _usage(finishes, len(job.request.prompt_ids))
     timer.done(usage.prompt_tokens, usage.completion_tokens)
     choices = []
@@ -143,7 +143,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
 
 def stream(job: Job, metrics: Metrics) -> AsyncIterator[bytes]:
     """Submit now (so a bad request fails with a plain HTTP error), then yield SSE chunks."""
-    events = job.served.engine.submit(job.request)
+    events = job.served.submit(job.request)
     return _chunks(job, events, metrics)
 
 
@@ -206,4 +206,4 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
         raise
     finally:
         if len(finishes) < n:
-            job.served.engine.cancel(job.request.request_id)
+            job.served.cancel(job.request.request_id)

@@ -37,7 +37,7 @@ def chat_loop(config: ServeConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.
     entry = next((e for e in config.models if e.model_id == config.default_model_id), config.models[0])
     print(f"loading {entry.model_id!r} ...", file=out, flush=True)
     served = load(entry, config.engine)
-    chat = served.checkpoint.chat_template is not None
+    chat = served.has_chat_template
     mode = "chat" if chat else "text continuation (the model has no chat template)"
     print(f"model {entry.model_id!r} ready, {mode}. Type \\help for commands.", file=out, flush=True)
     session = _Session()
@@ -115,13 +115,13 @@ def _reply(served: Pipeline, session: _Session, line: str, chat: bool, out: Text
     else:
         ids = served.encode(line)
     sp = session.sampling
-    room = served.engine.context_limit - len(ids)  # none left: the engine raises ContextLengthExceeded
+    room = served.context_limit - len(ids)  # none left: the engine raises ContextLengthExceeded
     sampling = SamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
                               max_tokens=min(_MAX_REPLY_TOKENS, room) if room > 0 else None)
     request = GenerationRequest(ids, sampling)
     text = ""
     try:
-        for event in served.engine.submit(request):
+        for event in served.submit(request):
             if isinstance(event, TokenDelta):
                 text += event.text
                 print(event.text, end="", file=out, flush=True)
@@ -131,7 +131,7 @@ def _reply(served: Pipeline, session: _Session, line: str, chat: bool, out: Text
         print(f"\nerror: {e.message}", file=out, flush=True)
         return
     except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
-        served.engine.cancel(request.request_id)
+        served.cancel(request.request_id)
         print("\n[interrupted]", file=out, flush=True)
     print(file=out, flush=True)
     if chat:

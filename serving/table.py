@@ -203,7 +203,7 @@ class ModelTable:
         served = self._row(model_id).served
         if served is None:
             return None
-        stats = served.engine.stats()
+        stats = served.stats()
         return {"param_bytes": stats["param_bytes"], "kv_cache_bytes": stats["kv_cache_bytes"]}
 
     def card(self, model_id: str) -> dict[str, Any]:
@@ -237,7 +237,7 @@ class ModelTable:
             rows = list(self._rows.items())
         for model_id, row in rows:
             served = row.served
-            stats = served.engine.stats() if served is not None else {}
+            stats = served.stats() if served is not None else {}
             out[model_id] = {
                 "status": row.status,
                 "queue_depth": stats.get("queue_depth", 0),
@@ -386,7 +386,7 @@ class ModelTable:
                 log.error("model %r failed to load (%s): %s", model_id, reason, message)
             future.set_exception(ModelUnavailable(f"model {model_id!r} failed to load ({message})", param="model"))
             return
-        stats = served.engine.stats()
+        stats = served.stats()
         with self._lock:
             row.served, row.status, row.loading = served, LOADED, None
             row.created, row.last_used = int(time.time()), time.time()
@@ -479,9 +479,9 @@ def _describe(entry: ModelEntry) -> str:
 
 
 def _summary(pipeline: Pipeline) -> str:
-    stats = pipeline.engine.stats()
-    notes = "".join(f"; {note}" for note in pipeline.checkpoint.notes)  # e.g. which chat template
-    return (f"arch {pipeline.config.arch}, context {pipeline.engine.context_limit}, {stats['slots_total']} slots, "
+    stats = pipeline.stats()
+    notes = "".join(f"; {note}" for note in pipeline.notes)  # e.g. which chat template
+    return (f"arch {pipeline.config.arch}, context {pipeline.context_limit}, {stats['slots_total']} slots, "
             f"params {_size(stats['param_bytes'])}, KV cache {_size(stats['kv_cache_bytes'])}, "
             f"warm-up {stats['warmup_s']:.1f}s{notes}")
 
