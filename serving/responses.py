@@ -146,6 +146,10 @@ class OpenAPIWithStreams(OpenAPIProvider):
         doc = super().schema()
         for path in STREAMING_PATHS:
             ok = doc["paths"][path]["post"]["responses"][200]  # still int keys here; JSON makes them strings
-            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            # OpenAPI before 3.2: the schema describes one event
+            ok["content"]["text/event-stream"] = {"schema": {
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "a JSON chunk, an error envelope, or [DONE]"}},
+            }}
             ok["description"] = "JSON, or with stream: true server-sent events"
         return doc

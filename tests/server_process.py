@@ -81,6 +81,16 @@ class Server:
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()[-4000:]}")
 
+    def wait_all_loaded(self, timeout: float = 900.0) -> None:
+        """Until every model's status is ``loaded`` (the default one serves first)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = httpx.get(f"{self.url}/health", timeout=5, verify=self.verify).json()["models"]
+            if set(statuses.values()) == {"loaded"}:
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"models not loaded after {timeout}s: {statuses}\n{self.output()[-4000:]}")
+
     def stop(self, timeout: float = 120.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

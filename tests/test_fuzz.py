@@ -3,8 +3,8 @@ on the demo SmolLM2, a bounded budget per operation and mode (``MRS_FUZZ_CASES``
 for every generated request: no 5xx, every error in OpenAI's envelope, responses valid
 against /openapi.json, schema-invalid requests refused; and the server healthy afterwards.
 
-Unload and reload are left out: a case that unloads the model would turn the rest into
-correct 503s (they have their own tests). ``tools/fuzz.py`` runs the same for long budgets.
+Model management (unload, reload, add, delete) is left out: a case that unloads or replaces
+the model would turn the rest into correct 503s or 404s (they have their own tests). ``tools/fuzz.py`` runs the same for long budgets.
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ def api_schema(fuzz_server: Server):
     return schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
 
 
-# Every operation of the published schema but unload and reload (see the module docstring).
+# Every operation of the published schema but model management (see the module docstring).
 OPERATIONS = [
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"), ("POST", "/v1/models/status"), ("POST", "/tokenize"),
     ("POST", "/detokenize"), ("GET", "/health"),
 ]
-UNFUZZED = [("POST", "/v1/models/unload"), ("POST", "/v1/models/reload")]
+UNFUZZED = [("POST", "/v1/models/unload"), ("POST", "/v1/models/reload"), ("POST", "/v1/models"),
+            ("DELETE", "/v1/models/{model}")]
 
 
 def test_every_operation_is_fuzzed(api_schema) -> None:

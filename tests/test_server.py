@@ -53,6 +53,7 @@ def server(models_json: Path, jax_cache: dict[str, str]) -> Server:
                  "--multi-model-config", str(models_json), "--default-model-id", "smollm2"],
                 models_json.parent / "server.log", jax_cache)
     srv.wait_ready()
+    srv.wait_all_loaded()  # /health is 200 once the default model serves; these tests use both
     yield srv
     srv.stop()
 
