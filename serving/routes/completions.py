@@ -1,0 +1,90 @@
+"""``POST /v1/chat/completions`` and ``/v1/completions``: parse, tokenize off the event loop,
+hand the job to ``serving.completions`` (one JSON body or SSE chunks)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from quart import Blueprint, Response
+from quart_schema import validate_request
+
+from mrs.engine.types import GenerationRequest
+from serving import completions, protocol, responses, sse
+from serving.errors import to_reply
+from serving.responses import documented
+from serving.routes.common import acquire, count, json_reply, services
+from serving.table import Lease
+
+blueprint = Blueprint("completions", __name__)
+
+
+async def _run(job: completions.Job, stream: bool, endpoint: str, lease: Lease) -> Response:
+    metrics = services().metrics
+    try:
+        if not stream:
+            body = await completions.complete(job, metrics)
+            count(job.model_id, endpoint, 200)
+            lease.release()
+            return json_reply(body)
+        chunks = completions.stream(job, metrics)
+    except Exception as exc:
+        lease.release()
+        count(job.model_id, endpoint, to_reply(exc).status)
+        raise
+    count(job.model_id, endpoint, 200)
+    return Response(_released(chunks, lease), headers=sse.HEADERS)
+
+
+async def _released(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
+    """The SSE body, releasing the model's lease when the stream ends or the client leaves."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        lease.release()
+
+
+@blueprint.post("/v1/chat/completions")
+@documented(responses.ChatCompletion)
+@validate_request(protocol.ChatCompletionRequest)
+async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
+    model_id, limits = services().table.resolve(data.model), services().limits
+    lease = await acquire(model_id, data.keep_alive)
+    try:
+        served = lease.served
+        ids = await asyncio.to_thread(served.encode_chat, data.template_messages())
+        sampling = data.to_sampling()
+        limits.apply(sampling, len(ids), "messages")
+        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("chatcmpl")),
+                              chat=True, include_usage=data.include_usage, timeout_s=limits.timeout_s)
+    except BaseException:
+        lease.release()
+        raise
+    return await _run(job, data.stream, "chat", lease)
+
+
+@blueprint.post("/v1/completions")
+@documented(responses.Completion)
+@validate_request(protocol.CompletionRequest)
+async def text_completions(data: protocol.CompletionRequest) -> Response:
+    model_id, limits = services().table.resolve(data.model), services().limits
+    lease = await acquire(model_id, data.keep_alive)
+    try:
+        served = lease.served
+        prompt = data.single_prompt()
+        if isinstance(prompt, str):
+            ids = await asyncio.to_thread(served.encode, prompt)
+            text = prompt
+        else:
+            ids = list(prompt)
+            text = await asyncio.to_thread(served.decode, ids, "prompt") if data.echo else ""
+        sampling = data.to_sampling()
+        limits.apply(sampling, len(ids), "prompt")
+        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("cmpl")),
+                              chat=False, include_usage=data.include_usage, echo=text if data.echo else "",
+                              timeout_s=limits.timeout_s)
+    except BaseException:
+        lease.release()
+        raise
+    return await _run(job, data.stream, "completions", lease)
