@@ -3,7 +3,8 @@
 All per-request parameters are arrays (one row per slot), so a new request never
 compiles. Order of operations, per slot:
   raw logits -> repetition penalty (prompt and output tokens) -> presence and
-  frequency penalties (output tokens) -> logit_bias -> greedy if temperature == 0,
+  frequency penalties (output tokens) -> logit_bias -> the grammar's token mask
+  (a bitmask row per slot, all ones when unconstrained) -> greedy if temperature == 0,
   else / temperature -> top_k -> top_p and min_p (on the top_k-renormalized
   distribution) -> Gumbel-max draw.
 Logprobs are the log-softmax of the raw model logits (what vLLM reports by default).
@@ -94,6 +95,23 @@ def penalized_logits(logits: Array, sp: SlotSampling, counts: Array, seen: Array
     return logits + sp.logit_bias
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words per slot in a token bitmask (llguidance's layout: bit ``t % 32`` of word ``t // 32``)."""
+    return (vocab_size + 31) // 32
+
+
+def all_allowed(batch: int, vocab_size: int) -> np.ndarray:
+    """The bitmask of ``batch`` unconstrained slots: every bit set."""
+    return np.full((batch, mask_words(vocab_size)), -1, np.int32)
+
+
+def apply_mask(logits: Array, mask: Array) -> Array:
+    """``logits [B, V]`` with the tokens whose bit is clear in ``mask [B, ceil(V/32)]`` at -inf."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(mask.shape[0], -1)[:, : logits.shape[-1]] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def keep_threshold(scaled: Array, sp: SlotSampling) -> Array:
     """Per slot, the smallest (temperature-scaled) logit that top_k/top_p/min_p keep.
 
@@ -134,9 +152,13 @@ def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
     return jnp.where(sp.temperature > 0, sampled, jnp.argmax(logits, axis=-1))
 
 
-def sample(logits: Array, sp: SlotSampling, counts: Array, seen: Array, step: Array) -> SampleOut:
-    """Sample one token per slot from float32 ``logits [B, V]``."""
+def sample(
+    logits: Array, sp: SlotSampling, counts: Array, seen: Array, step: Array, mask: Array | None = None
+) -> SampleOut:
+    """Sample one token per slot from float32 ``logits [B, V]``, only among ``mask``'s allowed tokens."""
     processed = penalized_logits(logits, sp, counts, seen)
+    if mask is not None:
+        processed = apply_mask(processed, mask)
     tokens = jax.lax.cond(
         jnp.any(sp.temperature > 0),
         lambda: _draw(processed, sp, step),

@@ -3,7 +3,9 @@ chunk of its prompt into its slot, and decode one token for every slot at once.
 
 The whole decode state lives on device and is donated to every step, so the KV
 cache is updated in place. Shapes are fixed by (max_batch, max_seq_len) and the
-static bucket arguments; everything per request is an array.
+static bucket arguments; everything per request is an array, the grammar engine's
+token bitmask included (``mask``: int32 ``[max_batch, ceil(V/32)]`` for decode, one
+row for prefill; all ones for a slot without a constraint).
 """
 
 from __future__ import annotations
@@ -141,13 +143,15 @@ class Steps:
         start: Array,
         n_real: Array,
         final: Array,
+        mask: Array,
         inputs: Array | None = None,
         *,
         kv_len: int,
     ) -> tuple[DecodeState, SampleOut]:
         """Run prompt chunk ``tokens [L]`` (first ``n_real`` real) at ``start`` in ``slot``.
 
-        On the final chunk, samples the first output token and arms the slot for decode.
+        On the final chunk, samples the first output token (among ``mask [W]``'s) and arms
+        the slot for decode.
         """
         self.traces[f"prefill/{tokens.shape[0]}/{kv_len}"] += 1
         positions, real = chunk_positions(tokens.shape[0], start, n_real)
@@ -159,7 +163,7 @@ class Steps:
         vocab = self.config.vocab_size
         seen = state.seen.at[slot, jnp.where(real, tokens, vocab)].set(True, mode="drop")
         row = lambda x: slot_row(x, slot)  # noqa: E731
-        out = sample(logits, row(state.sampling), row(state.counts), row(seen), row(state.step))
+        out = sample(logits, row(state.sampling), row(state.counts), row(seen), row(state.step), mask[None])
         token = out.tokens[0]
         state = state._replace(
             cache=set_row(state.cache, slot, cache),
@@ -172,11 +176,12 @@ class Steps:
         return state, out
 
     def _decode(
-        self, params: Any, state: DecodeState, active: Array, inputs: Array | None = None, *, kv_len: int, rows: int
+        self, params: Any, state: DecodeState, active: Array, mask: Array, inputs: Array | None = None, *,
+        kv_len: int, rows: int,
     ) -> tuple[DecodeState, SampleOut]:
         """One token for every ``active`` slot among the first ``rows`` (static: a batch
-        bucket, so a lightly loaded engine does not pay for all its slots); idle slots
-        read and write nothing."""
+        bucket, so a lightly loaded engine does not pay for all its slots), each among its
+        ``mask`` row's allowed tokens; idle slots read and write nothing."""
         self.traces[f"decode/{rows}/{kv_len}"] += 1
         head = lambda x: x[:rows]  # noqa: E731
         last_tokens, positions = decode_inputs(state.tokens, state.positions, active, rows)
@@ -186,7 +191,7 @@ class Steps:
             logits_at=jnp.zeros((rows,), jnp.int32), kv_len=kv_len,
         )
         sampling = jax.tree.map(head, state.sampling)
-        out = sample(logits, sampling, head(state.counts), head(state.seen), head(state.step))
+        out = sample(logits, sampling, head(state.counts), head(state.seen), head(state.step), head(mask))
         tokens = jnp.where(active, out.tokens, head(state.tokens))
         grow = active.astype(jnp.int32)
         slots = jnp.arange(rows)
