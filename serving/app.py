@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from mrs.engine.types import GenerationRequest
 from mrs.errors import InvalidRequest
+from mrs.tools import calls_enabled, parse_tools
 from serving import completions, protocol, sse
 from serving.errors import envelope, to_reply, validation_message
 from serving.metrics import Metrics
@@ -84,9 +85,11 @@ def create_app(table: ModelTable) -> Quart:
     async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
         model_id = table.resolve(data.model)
         served = table.get(model_id)
-        ids = await asyncio.to_thread(served.encode_chat, data.template_messages())
-        job = completions.Job(served, model_id, GenerationRequest(ids, data.to_sampling(), protocol.new_id("chatcmpl")),
-                              chat=True, include_usage=data.include_usage)
+        sampling, (tools, choice) = data.to_sampling(), data.tool_setup()
+        calls = calls_enabled(tools, choice)
+        ids = await asyncio.to_thread(served.encode_chat, data.template_messages(), tools if calls else None)
+        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("chatcmpl")),
+                              chat=True, include_usage=data.include_usage, tool_calls=calls)
         return await run_job(job, data.stream, "chat")
 
     @app.post("/v1/completions")
@@ -156,14 +159,17 @@ def create_app(table: ModelTable) -> Quart:
         model_id = table.resolve(data.model)
         served = table.get(model_id)
         if data.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in data.messages]
-            ids = await asyncio.to_thread(served.encode_chat, messages)
+            ids = await asyncio.to_thread(
+                served.encode_chat, [m.openai() for m in data.messages], parse_tools(data.tools, None)[0],
+                add_generation_prompt=data.add_generation_prompt, continue_final_message=data.continue_final_message)
         elif data.add_special_tokens:
             ids = await asyncio.to_thread(served.encode, data.prompt)
         else:
             ids = await asyncio.to_thread(served.tokenizer.encode, data.prompt, add_special_tokens=False)
-        return json_reply({"model": model_id, "tokens": ids, "count": len(ids),
-                           "max_model_len": served.engine.context_limit})
+        reply = {"model": model_id, "tokens": ids, "count": len(ids), "max_model_len": served.engine.context_limit}
+        if data.return_token_strs:
+            reply["token_strs"] = served.tokenizer.convert_ids_to_tokens(ids)
+        return json_reply(reply)
 
     @app.post("/detokenize")
     @validate_request(protocol.DetokenizeRequest)

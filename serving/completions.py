@@ -16,6 +16,7 @@ from typing import Any
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.errors import ModelUnavailable, MrsError
 from mrs.pipeline import Pipeline
+from mrs.tools import ToolCall, ToolCallParser, finish_reason, parse_reply
 from serving import protocol, sse
 from serving.errors import to_reply
 from serving.metrics import Metrics
@@ -33,6 +34,7 @@ class Job:
     chat: bool
     include_usage: bool = False
     echo: str = ""  # text completions with echo: the prompt text, prepended to the output
+    tool_calls: bool = False  # chat with tools enabled: the reply is parsed into tool_calls
     created: int = field(default_factory=protocol.now)
 
     @property
@@ -108,12 +110,17 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
     choices = []
     for i in range(n):
         choice: dict[str, Any] = {"index": i}
+        reason = finishes[i].reason
         if job.chat:
             choice["message"] = {"role": "assistant", "content": texts[i]}
+            if job.tool_calls and (parsed := parse_reply(texts[i]))[1]:
+                choice["message"] = {"role": "assistant", "content": parsed[0],
+                                     "tool_calls": [c.to_openai() for c in parsed[1]]}
+                reason = finish_reason(reason, True)
         else:
             choice["text"] = texts[i]
         choice["logprobs"] = _logprobs(job, logprobs[i], len(job.echo))
-        choice["finish_reason"] = finishes[i].reason
+        choice["finish_reason"] = reason
         choices.append(choice)
     return {
         "id": job.request.request_id, "object": job.object, "created": job.created,
@@ -133,8 +140,12 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
     offsets = [len(job.echo)] * n
     finishes: dict[int, Finish] = {}
     timer = _Timer(metrics, job.model_id)
+    # Tool calls stream as OpenAI's deltas, one per call once its block closes.
+    parsers = [ToolCallParser() for _ in range(n)] if job.tool_calls else None
+    calls_sent = [0] * n
 
-    def chunk(index: int, text: str | None, items: list[TokenLogprob], reason: str | None) -> bytes:
+    def chunk(index: int, text: str | None, items: list[TokenLogprob], reason: str | None,
+              calls: list[ToolCall] | None = None) -> bytes:
         choice: dict[str, Any] = {"index": index}
         if job.chat:
             delta: dict[str, Any] = {}
@@ -142,6 +153,9 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
                 delta["role"] = "assistant"  # the role goes in the first delta only
             if text is not None:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [{"index": calls_sent[index] + k, **c.to_openai()} for k, c in enumerate(calls)]
+                calls_sent[index] += len(calls)
             choice["delta"] = delta
         else:
             choice["text"] = text or ""
@@ -161,8 +175,9 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
         async for event in events:
             if isinstance(event, TokenDelta):
                 timer.token()
-                if event.text or event.logprobs or not started[event.index]:
-                    yield chunk(event.index, event.text, event.logprobs or [], None)
+                text, calls = parsers[event.index].feed(event.text) if parsers else (event.text, [])
+                if text or calls or event.logprobs or not started[event.index]:
+                    yield chunk(event.index, text, event.logprobs or [], None, calls)
                 offsets[event.index] += len(event.text)
                 continue
             finishes[event.index] = event
@@ -171,7 +186,10 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
                 yield sse.event(to_reply(error or MrsError("generation failed")).body)
                 yield sse.DONE
                 return
-            yield chunk(event.index, None, [], event.reason)
+            if parsers and (rest := parsers[event.index].finish()):
+                yield chunk(event.index, rest, [], None)
+            reason = finish_reason(event.reason, calls_sent[event.index] > 0)
+            yield chunk(event.index, None, [], reason)
         usage = _usage(finishes, len(job.request.prompt_ids))
         timer.done(usage.prompt_tokens, usage.completion_tokens)
         if job.include_usage:

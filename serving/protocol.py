@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mrs.engine.types import SamplingParams, TokenLogprob, Usage
+from mrs.engine.types import Grammar, SamplingParams, TokenLogprob, Usage
+from mrs.response_format import GrammarSpec, ResponseFormat, output_grammar
+from mrs.tools import Tool, ToolChoice, parse_tools, reply_grammar
 
 
 class _Request(BaseModel):
@@ -45,6 +47,8 @@ class _Sampling(_Request):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    grammar: GrammarSpec | None = None  # mistral.rs's extension: regex, lark or json_schema
 
     @field_validator("stop")
     @classmethod
@@ -61,7 +65,8 @@ class _Sampling(_Request):
                 raise ValueError(f"logit_bias[{token}] must be a token id >= 0 with a bias in [-100, 100]")
         return value
 
-    def sampling(self, logprobs: bool, top_logprobs: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, logprobs: bool, top_logprobs: int, max_tokens: int | None,
+                 grammar: Grammar | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
@@ -69,7 +74,7 @@ class _Sampling(_Request):
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
             seed=self.seed, max_tokens=max_tokens, ignore_eos=self.ignore_eos, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), n=self.n, logprobs=logprobs,
-            top_logprobs=top_logprobs,
+            top_logprobs=top_logprobs, grammar=grammar,
         )
 
     @property
@@ -82,15 +87,36 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text
+
+
+class AssistantToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def openai(self) -> dict[str, Any]:
+        """The message as ``mrs.tools.prompt_messages`` takes it (``developer`` is OpenAI's new ``system``)."""
+        return {
+            "role": "system" if self.role == "developer" else self.role, "content": self.text(), "name": self.name,
+            "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None,
+            "tool_call_id": self.tool_call_id,
+        }
 
 
 class ChatCompletionRequest(_Sampling):
@@ -98,6 +124,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -105,12 +134,18 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs requires logprobs: true")
         return self
 
-    def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.logprobs, self.top_logprobs or 0, self.max_completion_tokens or self.max_tokens)
+    def tool_setup(self) -> tuple[list[Tool], ToolChoice | None]:
+        """The tools and the effective tool_choice (``InvalidRequest`` for a choice without tools)."""
+        tools, choice = parse_tools(self.tools, self.tool_choice)
+        return tools, choice or ("auto" if tools else None)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them (``developer`` is OpenAI's new ``system``)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def to_sampling(self) -> SamplingParams:
+        tools, choice = self.tool_setup()
+        grammar = reply_grammar(tools, choice, self.parallel_tool_calls, self.response_format, self.grammar)
+        return self.sampling(self.logprobs, self.top_logprobs or 0, self.max_completion_tokens or self.max_tokens, grammar)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.openai() for m in self.messages]
 
 
 class CompletionRequest(_Sampling):
@@ -136,7 +171,8 @@ class CompletionRequest(_Sampling):
         return value
 
     def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.logprobs is not None, self.logprobs or 0, self.max_tokens)
+        return self.sampling(self.logprobs is not None, self.logprobs or 0, self.max_tokens,
+                             output_grammar(self.response_format, self.grammar))
 
 
 class ModelIdRequest(_Request):
@@ -148,11 +184,18 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # prompt only: BOS where the model's raw prompts take one
+    # messages only: the chat template's switches, and the tools it renders
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[Tool] | None = None
+    return_token_strs: bool = False  # also each token's string (vLLM's field)
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.add_generation_prompt and self.continue_final_message and self.messages is not None:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each other; set one to false")
         return self
 
 

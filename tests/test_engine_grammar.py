@@ -4,6 +4,7 @@ follows the grammar; unconstrained neighbours are untouched; nothing recompiles.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,9 +13,11 @@ import pytest
 from test_engine_tiny import CONFIG, prompt, run, run_many
 from tiny_llama import tiny_llama
 
+from mrs.config.schema import EngineConfig, ModelEntry
 from mrs.engine.engine import Engine
 from mrs.engine.types import Finish, GenerationRequest, Grammar, SamplingParams, TokenDelta
 from mrs.errors import InvalidRequest
+from mrs.pipeline import Pipeline
 
 SCHEMA = {
     "type": "object",
@@ -116,3 +119,37 @@ def test_no_recompile_with_constraints(engine) -> None:
     run_many(engine, requests)
     assert dict(engine._steps.traces) == before
     assert engine.stats()["grammar_host_s"] > 0
+
+
+PLAIN_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["id"],
+    "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny model as a Pipeline with a chat template, and room for the tool prompt in bytes."""
+    checkpoint = dataclasses.replace(tiny_llama()[0], chat_template=PLAIN_TEMPLATE)
+    engine = Engine(checkpoint, EngineConfig(max_batch=2, max_seq_len=512, prefill_buckets=[512], warmup=False))
+    yield Pipeline(ModelEntry(model_id="tiny"), checkpoint, engine.start())
+    engine.shutdown()
+
+
+def test_python_api_takes_the_http_fields(pipe: Pipeline) -> None:
+    said = pipe.generate("Say:", grammar={"type": "regex", "value": REGEX}, max_tokens=20)
+    assert re.fullmatch(REGEX, said.text) and said.finish_reason == "stop"
+    messages = [{"role": "user", "content": "Give me a record."}]
+    record = pipe.chat(messages, max_tokens=80, temperature=0.7, seed=2, response_format={
+        "type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA, "strict": True}})
+    jsonschema.validate(json.loads(record.text), SCHEMA)
+    called = pipe.chat(messages, tools=[TOOL], tool_choice="required", parallel_tool_calls=False, max_tokens=70)
+    [call] = called.tool_calls
+    assert called.finish_reason == "tool_calls" and called.text == "" and call.name == "lookup"
+    jsonschema.validate(json.loads(call.arguments), TOOL["function"]["parameters"])
+    for kwargs, param in [({"tool_choice": "auto"}, "tool_choice"), ({"response_format": {"type": "xml"}}, "response_format"),
+                          ({"grammar": {"type": "regex", "value": "("}}, "grammar")]:
+        with pytest.raises(InvalidRequest) as err:
+            pipe.chat(messages, **kwargs)
+        assert err.value.param == param
