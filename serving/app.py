@@ -88,7 +88,8 @@ def create_app(table: ModelTable) -> Quart:
         sampling, (tools, choice) = data.to_sampling(), data.tool_setup()
         calls = calls_enabled(tools, choice)
         ids = await asyncio.to_thread(served.encode_chat, data.template_messages(), tools if calls else None)
-        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("chatcmpl")),
+        job_id = protocol.new_id("chatcmpl")
+        job = completions.Job(served, model_id, job_id, [GenerationRequest(ids, sampling, job_id)],
                               chat=True, include_usage=data.include_usage, tool_calls=calls)
         return await run_job(job, data.stream, "chat")
 
@@ -97,15 +98,18 @@ def create_app(table: ModelTable) -> Quart:
     async def text_completions(data: protocol.CompletionRequest) -> Response:
         model_id = table.resolve(data.model)
         served = table.get(model_id)
-        prompt = data.single_prompt()
-        if isinstance(prompt, str):
-            ids = await asyncio.to_thread(served.encode, prompt)
-            text = prompt
-        else:
-            ids = list(prompt)
-            text = await asyncio.to_thread(served.tokenizer.decode, ids) if data.echo else ""
-        job = completions.Job(served, model_id, GenerationRequest(ids, data.to_sampling(), protocol.new_id("cmpl")),
-                              chat=False, include_usage=data.include_usage, echo=text if data.echo else "")
+        sampling, prompts, job_id = data.to_sampling(), data.prompts(), protocol.new_id("cmpl")
+        requests, echoes = [], []
+        for k, prompt in enumerate(prompts):  # a list of prompts: one request (and choice set) each
+            if isinstance(prompt, str):
+                ids, text = await asyncio.to_thread(served.encode, prompt), prompt
+            else:
+                ids = list(prompt)
+                text = await asyncio.to_thread(served.tokenizer.decode, ids) if data.echo else ""
+            requests.append(GenerationRequest(ids, sampling, job_id if len(prompts) == 1 else f"{job_id}-{k}"))
+            echoes.append(text)
+        job = completions.Job(served, model_id, job_id, requests, chat=False, include_usage=data.include_usage,
+                              echoes=echoes if data.echo else None)
         return await run_job(job, data.stream, "completions")
 
     # ---- models ----

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
+from mrs.engine.types import Event, Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.errors import ModelUnavailable, MrsError
 from mrs.pipeline import Pipeline
 from mrs.tools import ToolCall, ToolCallParser, finish_reason, parse_reply
@@ -26,16 +26,51 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One accepted request: what to run and how to shape its answer."""
+    """One accepted request: what to run and how to shape its answer.
+
+    A text completion with a list of prompts runs one engine request per prompt; its
+    choices are numbered prompt by prompt (``k * n + i``), as OpenAI numbers them.
+    """
 
     served: Pipeline
     model_id: str
-    request: GenerationRequest
+    id: str
+    requests: list[GenerationRequest]
     chat: bool
     include_usage: bool = False
-    echo: str = ""  # text completions with echo: the prompt text, prepended to the output
+    echoes: list[str] | None = None  # text completions with echo: each prompt's text, prepended to its output
     tool_calls: bool = False  # chat with tools enabled: the reply is parsed into tool_calls
     created: int = field(default_factory=protocol.now)
+
+    @property
+    def n(self) -> int:
+        return self.requests[0].sampling.n
+
+    @property
+    def choices(self) -> int:
+        return len(self.requests) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt_ids) for r in self.requests)
+
+    def echo(self, index: int) -> str:
+        return self.echoes[index // self.n] if self.echoes else ""
+
+    def submit(self) -> list[Any]:
+        """Queue every request (all or none: a refused one cancels those before it)."""
+        streams = []
+        try:
+            for request in self.requests:
+                streams.append(self.served.engine.submit(request))
+        except Exception:
+            self.cancel()
+            raise
+        return streams
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            self.served.engine.cancel(request.request_id)
 
     @property
     def object(self) -> str:
@@ -51,7 +86,7 @@ def _cancelled_error() -> ModelUnavailable:
 
 
 def _logprobs(job: Job, items: list[TokenLogprob], offset: int) -> dict[str, Any] | None:
-    if not job.request.sampling.logprobs:
+    if not job.requests[0].sampling.logprobs:
         return None
     if job.chat:
         return {"content": protocol.chat_logprobs(items), "refusal": None}
@@ -82,33 +117,56 @@ def _usage(finishes: dict[int, Finish], prompt_tokens: int) -> Usage:
     return Usage(prompt_tokens, sum(f.usage.completion_tokens for f in finishes.values()))
 
 
+async def _merged(streams: list[Any], n: int) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several requests' streams as they arrive, with each choice's job-wide index."""
+    queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
+
+    async def pump(k: int, events: Any) -> None:
+        async for event in events:
+            await queue.put((k * n + event.index, event))
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(k, events)) for k, events in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
     """Run to the end and build the non-streaming response; errors raise (mapped by the app)."""
-    n = job.request.sampling.n
-    texts = [job.echo] * n
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    total = job.choices
+    texts = [job.echo(i) for i in range(total)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(total)]
     finishes: dict[int, Finish] = {}
     timer = _Timer(metrics, job.model_id)
-    stream = job.served.engine.submit(job.request)
+    streams = job.submit()
     try:
-        async for event in stream:
+        async for index, event in _merged(streams, job.n):
             if isinstance(event, TokenDelta):
                 timer.token()
-                texts[event.index] += event.text
-                logprobs[event.index].extend(event.logprobs or [])
+                texts[index] += event.text
+                logprobs[index].extend(event.logprobs or [])
             else:
-                finishes[event.index] = event
+                finishes[index] = event
                 if event.reason == "error":
                     raise event.error or MrsError("generation failed")
                 if event.reason == "cancelled":
                     raise _cancelled_error()
     finally:
-        if len(finishes) < n:  # the client went away (or an error): free the slots now
-            job.served.engine.cancel(job.request.request_id)
-    usage = _usage(finishes, len(job.request.prompt_ids))
+        if len(finishes) < total:  # the client went away (or an error): free the slots now
+            job.cancel()
+    usage = _usage(finishes, job.prompt_tokens)
     timer.done(usage.prompt_tokens, usage.completion_tokens)
     choices = []
-    for i in range(n):
+    for i in range(total):
         choice: dict[str, Any] = {"index": i}
         reason = finishes[i].reason
         if job.chat:
@@ -119,30 +177,29 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
                 reason = finish_reason(reason, True)
         else:
             choice["text"] = texts[i]
-        choice["logprobs"] = _logprobs(job, logprobs[i], len(job.echo))
+        choice["logprobs"] = _logprobs(job, logprobs[i], len(job.echo(i)))
         choice["finish_reason"] = reason
         choices.append(choice)
     return {
-        "id": job.request.request_id, "object": job.object, "created": job.created,
+        "id": job.id, "object": job.object, "created": job.created,
         "model": job.model_id, "choices": choices, "usage": protocol.usage_dict(usage),
     }
 
 
 def stream(job: Job, metrics: Metrics) -> AsyncIterator[bytes]:
     """Submit now (so a bad request fails with a plain HTTP error), then yield SSE chunks."""
-    events = job.served.engine.submit(job.request)
-    return _chunks(job, events, metrics)
+    return _chunks(job, job.submit(), metrics)
 
 
-async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> AsyncIterator[bytes]:
-    n = job.request.sampling.n
-    started = [False] * n
-    offsets = [len(job.echo)] * n
+async def _chunks(job: Job, streams: list[Any], metrics: Metrics) -> AsyncIterator[bytes]:
+    total = job.choices
+    started = [False] * total
+    offsets = [len(job.echo(i)) for i in range(total)]
     finishes: dict[int, Finish] = {}
     timer = _Timer(metrics, job.model_id)
     # Tool calls stream as OpenAI's deltas, one per call once its block closes.
-    parsers = [ToolCallParser() for _ in range(n)] if job.tool_calls else None
-    calls_sent = [0] * n
+    parsers = [ToolCallParser() for _ in range(total)] if job.tool_calls else None
+    calls_sent = [0] * total
 
     def chunk(index: int, text: str | None, items: list[TokenLogprob], reason: str | None,
               calls: list[ToolCall] | None = None) -> bytes:
@@ -162,43 +219,42 @@ async def _chunks(job: Job, events: AsyncIterator[Any], metrics: Metrics) -> Asy
         choice["logprobs"] = _logprobs(job, items, offsets[index]) if items else None
         choice["finish_reason"] = reason
         started[index] = True
-        body = {"id": job.request.request_id, "object": job.chunk_object, "created": job.created,
+        body = {"id": job.id, "object": job.chunk_object, "created": job.created,
                 "model": job.model_id, "choices": [choice]}
         if job.include_usage:
             body["usage"] = None
         return sse.event(body)
 
     try:
-        if job.echo and not job.chat:
-            for i in range(n):
-                yield chunk(i, job.echo, [], None)
-        async for event in events:
+        if job.echoes and not job.chat:
+            for i in range(total):
+                yield chunk(i, job.echo(i), [], None)
+        async for index, event in _merged(streams, job.n):
             if isinstance(event, TokenDelta):
                 timer.token()
-                text, calls = parsers[event.index].feed(event.text) if parsers else (event.text, [])
-                if text or calls or event.logprobs or not started[event.index]:
-                    yield chunk(event.index, text, event.logprobs or [], None, calls)
-                offsets[event.index] += len(event.text)
+                text, calls = parsers[index].feed(event.text) if parsers else (event.text, [])
+                if text or calls or event.logprobs or not started[index]:
+                    yield chunk(index, text, event.logprobs or [], None, calls)
+                offsets[index] += len(event.text)
                 continue
-            finishes[event.index] = event
+            finishes[index] = event
             if event.reason in ("error", "cancelled"):
                 error = event.error if event.reason == "error" else _cancelled_error()
                 yield sse.event(to_reply(error or MrsError("generation failed")).body)
                 yield sse.DONE
                 return
-            if parsers and (rest := parsers[event.index].finish()):
-                yield chunk(event.index, rest, [], None)
-            reason = finish_reason(event.reason, calls_sent[event.index] > 0)
-            yield chunk(event.index, None, [], reason)
-        usage = _usage(finishes, len(job.request.prompt_ids))
+            if parsers and (rest := parsers[index].finish()):
+                yield chunk(index, rest, [], None)
+            yield chunk(index, None, [], finish_reason(event.reason, calls_sent[index] > 0))
+        usage = _usage(finishes, job.prompt_tokens)
         timer.done(usage.prompt_tokens, usage.completion_tokens)
         if job.include_usage:
-            yield sse.event({"id": job.request.request_id, "object": job.chunk_object, "created": job.created,
+            yield sse.event({"id": job.id, "object": job.chunk_object, "created": job.created,
                              "model": job.model_id, "choices": [], "usage": protocol.usage_dict(usage)})
         yield sse.DONE
     except asyncio.CancelledError:
-        log.info("client disconnected; cancelling %s", job.request.request_id)
+        log.info("client disconnected; cancelling %s", job.id)
         raise
     finally:
-        if len(finishes) < n:
-            job.served.engine.cancel(job.request.request_id)
+        if len(finishes) < total:
+            job.cancel()

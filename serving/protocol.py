@@ -1,17 +1,20 @@
 """The OpenAI protocol: request models (pydantic, validated by quart-schema) and response shapes.
 
 Requests carry OpenAI's fields plus the engine's extras (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids), as vLLM and mistral.rs accept them.
-Unknown fields are ignored, as OpenAI-compatible servers do.
+repetition_penalty, ignore_eos, stop_token_ids, grammar), as vLLM and mistral.rs accept
+them. Nothing is silently ignored: every field of OpenAI's chat and completion requests
+(``openai.types.chat.completion_create_params``, ``openai.types.completion_create_params``)
+is either honoured or, at a value mrs cannot honour, a 400 naming it (``_refused``); and
+a field OpenAI does not have either is a 400 too, as OpenAI answers one.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mrs.engine.types import Grammar, SamplingParams, TokenLogprob, Usage
 from mrs.response_format import GrammarSpec, ResponseFormat, output_grammar
@@ -19,11 +22,27 @@ from mrs.tools import Tool, ToolChoice, parse_tools, reply_grammar
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+
+def _refused(why: str, honoured: Callable[[Any], bool] = lambda value: False) -> Any:
+    """An OpenAI field mrs does not implement: null, or a value that asks for nothing
+    (``honoured``), passes; anything else is a 400 naming the field and saying why."""
+
+    def check(value: Any) -> Any:
+        if value is not None and not honoured(value):
+            raise ValueError(f"not supported: {why}")
+        return value
+
+    return AfterValidator(check)
+
+
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit integer
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    include_obfuscation: Annotated[bool | None, _refused("mrs streams carry no obfuscation padding", lambda v: not v)] = None
 
 
 class _Sampling(_Request):
@@ -42,13 +61,20 @@ class _Sampling(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     logit_bias: dict[int, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     user: str | None = None
     response_format: ResponseFormat | None = None
     grammar: GrammarSpec | None = None  # mistral.rs's extension: regex, lark or json_schema
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -104,6 +130,9 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[AssistantToolCall] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # tool turns: the call this is the result of
+    refusal: str | None = None  # an assistant turn as OpenAI returns it; not part of the prompt
+    audio: Annotated[Any, _refused("audio")] = None
+    function_call: Annotated[Any, _refused("function_call is deprecated; use tool_calls")] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -127,6 +156,25 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None  # default: "auto" with tools
     parallel_tool_calls: bool = True
+    # Accepted, and without effect on the output as on OpenAI's side: identifiers for abuse
+    # monitoring, and tags for stored completions (which mrs never stores).
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    # OpenAI features mrs does not have (see _refused)
+    store: Annotated[bool | None, _refused("mrs does not store completions", lambda v: not v)] = None
+    modalities: Annotated[list[str] | None, _refused("mrs generates text only", lambda v: v == ["text"])] = None
+    audio: Annotated[Any, _refused("audio output")] = None
+    prediction: Annotated[Any, _refused("predicted outputs")] = None
+    reasoning_effort: Annotated[Any, _refused("the served models have no reasoning effort setting")] = None
+    verbosity: Annotated[Any, _refused("verbosity")] = None
+    web_search_options: Annotated[Any, _refused("web search")] = None
+    functions: Annotated[Any, _refused("functions is deprecated; use tools")] = None
+    function_call: Annotated[Any, _refused("function_call is deprecated; use tool_choice")] = None
+    service_tier: Annotated[str | None, _refused("service tiers", lambda v: v in ("auto", "default"))] = None
+    prompt_cache_key: Annotated[Any, _refused("mrs has no prompt cache")] = None
+    prompt_cache_retention: Annotated[Any, _refused("mrs has no prompt cache")] = None
+    prompt_cache_options: Annotated[Any, _refused("mrs has no prompt cache")] = None
+    moderation: Annotated[Any, _refused("moderation")] = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -153,22 +201,35 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    suffix: Annotated[str | None, _refused("suffix (insertion) is not implemented", lambda v: v == "")] = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("not supported: best_of other than n (mrs returns every choice it samples)")
+        return value
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("batched prompts are not supported; send one prompt per request")
-        if isinstance(value, list) and not value:
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
             raise ValueError("prompt must not be empty")
         return value
 
-    def single_prompt(self) -> str | list[int]:
+    @model_validator(mode="after")
+    def _echo_logprobs(self) -> "CompletionRequest":
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (mrs does not score prompt tokens)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids), or a list of them."""
         value = self.prompt
         if isinstance(value, list) and isinstance(value[0], (str, list)):
-            return value[0]
-        return value
+            return list(value)
+        return [value]
 
     def to_sampling(self) -> SamplingParams:
         return self.sampling(self.logprobs is not None, self.logprobs or 0, self.max_tokens,

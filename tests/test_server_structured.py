@@ -279,3 +279,77 @@ def test_two_turn_tool_conversation(client: openai.OpenAI, server: Server) -> No
              '<|im_start|>user\n<tool_response>\n22 degrees, sunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n')
     assert text.endswith(block), text
     assert '"name": "get_weather"' in text.split("<|im_start|>user")[0]  # the tools in the system prompt
+
+
+def test_openai_fields_honoured_or_refused_by_name(server: Server) -> None:
+    chat, text = f"{server.url}/v1/chat/completions", f"{server.url}/v1/completions"
+    base_chat = {"model": "default", "messages": QUESTION, "max_tokens": 2}
+    base_text = {"model": "default", "prompt": "Hello", "max_tokens": 2}
+    refused = [
+        (chat, {"modalities": ["text", "audio"]}, "modalities"), (chat, {"audio": {"voice": "alloy"}}, "audio"),
+        (chat, {"store": True}, "store"), (chat, {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        (chat, {"reasoning_effort": "high"}, "reasoning_effort"), (chat, {"service_tier": "priority"}, "service_tier"),
+        (chat, {"functions": [{"name": "f"}]}, "functions"), (chat, {"web_search_options": {}}, "web_search_options"),
+        (chat, {"prompt_cache_key": "k"}, "prompt_cache_key"), (chat, {"verbosity": "low"}, "verbosity"),
+        (chat, {"stream_options": {"include_usage": True}}, "stream_options"),
+        (chat, {"seed": 2**64}, "seed"), (chat, {"frobnicate": 1}, "frobnicate"),
+        (text, {"suffix": " world"}, "suffix"), (text, {"best_of": 3}, "best_of"),
+        (text, {"echo": True, "logprobs": 1}, None), (text, {"seed": -(2**63) - 1}, "seed"),
+    ]
+    for url, extra, param in refused:
+        reply = httpx.post(url, timeout=60, json={**(base_chat if url == chat else base_text), **extra})
+        assert reply.status_code == 400, (extra, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (extra, error)
+    honoured = [
+        (chat, {"store": False, "modalities": ["text"], "service_tier": "auto", "metadata": {"k": "v"}, "user": "u",
+                "safety_identifier": "s", "seed": 2**63 - 1}),
+        (text, {"suffix": "", "best_of": 2, "n": 2, "user": "u", "seed": -(2**63)}),
+    ]
+    for url, extra in honoured:
+        reply = httpx.post(url, timeout=60, json={**(base_chat if url == chat else base_text), **extra})
+        assert reply.status_code == 200, (extra, reply.text)
+
+
+def test_list_of_prompts_gets_a_choice_set_each(client: openai.OpenAI) -> None:
+    prompts = ["The capital of France is", "One, two, three,"]
+    alone = [client.completions.create(model="default", prompt=p, max_tokens=6, temperature=0).choices[0].text
+             for p in prompts]
+    both = client.completions.create(model="default", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    assert both.usage.completion_tokens == 4 * 6
+    ids = client.completions.create(model="default", prompt=[[1, 2, 3], [4, 5]], max_tokens=1, temperature=0)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
+    loose = openai.OpenAI(base_url=client.base_url, api_key="unused", max_retries=0, timeout=300)
+    streamed = {0: "", 1: ""}
+    for chunk in loose.completions.create(model="default", prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert list(streamed.values()) == alone
+
+
+def test_logprobs_zero_returns_the_sampled_tokens_logprob(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  logprobs=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 4 and all(v <= 0 for v in lp.token_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
+def test_tokenize_template_switches_and_token_strings(server: Server) -> None:
+    def render(**body) -> tuple[str, dict]:
+        reply = httpx.post(f"{server.url}/tokenize", json={"model": "default", **body}).json()
+        text = httpx.post(f"{server.url}/detokenize", json={"model": "default", "tokens": reply["tokens"]}).json()
+        return text["prompt"], reply
+
+    prompted, _ = render(messages=QUESTION)
+    bare, _ = render(messages=QUESTION, add_generation_prompt=False)
+    assert prompted == bare + "<|im_start|>assistant\n" and bare.endswith("<|im_end|>\n")
+    partial = [*QUESTION, {"role": "assistant", "content": "The capital is"}]
+    continued, reply = render(messages=partial, add_generation_prompt=False, continue_final_message=True,
+                              return_token_strs=True)
+    assert continued.endswith("<|im_start|>assistant\nThe capital is")
+    assert len(reply["token_strs"]) == reply["count"] and reply["token_strs"][-1] == "Ġis"
+    both = httpx.post(f"{server.url}/tokenize", json={"model": "default", "messages": partial, "continue_final_message": True})
+    assert both.status_code == 400
