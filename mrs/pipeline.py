@@ -60,6 +60,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
     prompt_ids: list[int] = field(default_factory=list)
     tool_calls: list[ToolCall] | None = None  # chat with tools: the parsed calls (``text`` is what remains)
+    prompt_logprobs: list[TokenLogprob] | None = None  # with prompt_logprobs=k: each prompt token's (the first None)
 
 
 class Pipeline:
@@ -148,13 +149,14 @@ class Pipeline:
 
     @staticmethod
     def _collect(prompt_ids: list[int], stream: Any, begin: float) -> GenerationResult:
-        text, ids, logprobs, first, finish = [], [], [], None, None
+        text, ids, logprobs, first, finish, prompt_logprobs = [], [], [], None, None, None
         for event in stream:
             if isinstance(event, TokenDelta):
                 first = first or time.perf_counter()
                 text.append(event.text)
                 ids += event.token_ids
                 logprobs += event.logprobs or []
+                prompt_logprobs = prompt_logprobs or event.prompt_logprobs
             else:
                 finish = event
         if finish.reason == "error":
@@ -162,7 +164,8 @@ class Pipeline:
         end = time.perf_counter()
         first = first or end
         timing = Timing(len(prompt_ids), len(ids), first - begin, end - first)
-        return GenerationResult("".join(text), ids, finish.reason, timing, logprobs or None, prompt_ids)
+        return GenerationResult("".join(text), ids, finish.reason, timing, logprobs or None, prompt_ids,
+                                prompt_logprobs=prompt_logprobs)
 
     def close(self) -> None:
         self.engine.shutdown()

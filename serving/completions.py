@@ -57,6 +57,15 @@ class Job:
     def echo(self, index: int) -> str:
         return self.echoes[index // self.n] if self.echoes else ""
 
+    @property
+    def scored(self) -> bool:
+        """Echo with logprobs: the prompt tokens' logprobs come first (the engine scores them)."""
+        return self.requests[0].sampling.prompt_logprobs is not None
+
+    def first_offset(self, index: int) -> int:
+        """The text offset of the first logprob item: the prompt's start if scored, else its end."""
+        return 0 if self.scored else len(self.echo(index))
+
     def submit(self) -> list[Any]:
         """Queue every request (all or none: a refused one cancels those before it)."""
         streams = []
@@ -153,7 +162,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
             if isinstance(event, TokenDelta):
                 timer.token()
                 texts[index] += event.text
-                logprobs[index].extend(event.logprobs or [])
+                logprobs[index].extend((event.prompt_logprobs or []) + (event.logprobs or []))
             else:
                 finishes[index] = event
                 if event.reason == "error":
@@ -177,7 +186,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
                 reason = finish_reason(reason, True)
         else:
             choice["text"] = texts[i]
-        choice["logprobs"] = _logprobs(job, logprobs[i], len(job.echo(i)))
+        choice["logprobs"] = _logprobs(job, logprobs[i], job.first_offset(i))
         choice["finish_reason"] = reason
         choices.append(choice)
     return {
@@ -194,7 +203,7 @@ def stream(job: Job, metrics: Metrics) -> AsyncIterator[bytes]:
 async def _chunks(job: Job, streams: list[Any], metrics: Metrics) -> AsyncIterator[bytes]:
     total = job.choices
     started = [False] * total
-    offsets = [len(job.echo(i)) for i in range(total)]
+    offsets = [job.first_offset(i) for i in range(total)]
     finishes: dict[int, Finish] = {}
     timer = _Timer(metrics, job.model_id)
     # Tool calls stream as OpenAI's deltas, one per call once its block closes.
@@ -226,12 +235,15 @@ async def _chunks(job: Job, streams: list[Any], metrics: Metrics) -> AsyncIterat
         return sse.event(body)
 
     try:
-        if job.echoes and not job.chat:
+        if job.echoes and not job.scored:
             for i in range(total):
                 yield chunk(i, job.echo(i), [], None)
         async for index, event in _merged(streams, job.n):
             if isinstance(event, TokenDelta):
                 timer.token()
+                if event.prompt_logprobs is not None and job.echoes:  # the echo, once the prompt is scored
+                    yield chunk(index, job.echo(index), event.prompt_logprobs, None)
+                    offsets[index] += len(job.echo(index))
                 text, calls = parsers[index].feed(event.text) if parsers else (event.text, [])
                 if text or calls or event.logprobs or not started[index]:
                     yield chunk(index, text, event.logprobs or [], None, calls)

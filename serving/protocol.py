@@ -218,12 +218,6 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be empty")
         return value
 
-    @model_validator(mode="after")
-    def _echo_logprobs(self) -> "CompletionRequest":
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported (mrs does not score prompt tokens)")
-        return self
-
     def prompts(self) -> list[str | list[int]]:
         """One prompt (text or token ids), or a list of them."""
         value = self.prompt
@@ -232,8 +226,10 @@ class CompletionRequest(_Sampling):
         return [value]
 
     def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.logprobs is not None, self.logprobs or 0, self.max_tokens,
-                             output_grammar(self.response_format, self.grammar))
+        params = self.sampling(self.logprobs is not None, self.logprobs or 0, self.max_tokens,
+                               output_grammar(self.response_format, self.grammar))
+        params.prompt_logprobs = self.logprobs if self.echo else None  # echo with logprobs scores the prompt
+        return params
 
 
 class ModelIdRequest(_Request):
@@ -299,7 +295,7 @@ def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any
     return {
         "tokens": [t.token for t in items],
         "token_logprobs": [t.logprob for t in items],
-        "top_logprobs": [{text: lp for _, text, lp in t.top} for t in items],
+        "top_logprobs": [None if t.logprob is None else {text: lp for _, text, lp in t.top} for t in items],
         "text_offset": offsets,
     }
 

@@ -153,3 +153,5 @@ def test_python_api_takes_the_http_fields(pipe: Pipeline) -> None:
         with pytest.raises(InvalidRequest) as err:
             pipe.chat(messages, **kwargs)
         assert err.value.param == param
+    scored = pipe.generate("Say:", max_tokens=2, prompt_logprobs=1)
+    assert [t.token_id for t in scored.prompt_logprobs] == scored.prompt_ids and scored.prompt_logprobs[0].logprob is None

@@ -69,6 +69,7 @@ class _Seq:
     max_tokens: int
     detok: IncrementalDetokenizer
     constraint: Constraint | None = None  # the request's grammar, this choice's state
+    prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill; sent with the first token
     slot: int | None = None
     generated: int = 0  # tokens seen on the host
     dispatched: int = 0  # decode steps dispatched after the prefill
@@ -293,13 +294,12 @@ class Engine:
         )
         self._state = self._steps.insert(self._state, np.int32(0), row)
         mask = self._all_allowed[0]
-        for length in self._prefill_buckets:
-            self._prefill_chunk(0, [0], 0, length, True, mask)
-        for kv_len in sorted({self._chunk_kv_len(start) for start in self._continuations()}):
-            self._state, _ = self._steps.prefill(
-                self._params, self._state, np.int32(0), np.zeros(self._prefill_buckets[-1], np.int32),
-                np.int32(self._prefill_buckets[-1]), np.int32(1), np.bool_(True), mask, kv_len=kv_len,
-            )
+        starts = {self._chunk_kv_len(start): start for start in self._continuations()}  # one per attention length
+        for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
+            for length in self._prefill_buckets:
+                self._prefill_chunk(0, [0], 0, length, True, mask, targets)
+            for start in starts.values():
+                self._prefill_chunk(0, [0], start, self._prefill_buckets[-1], True, mask, targets)
         active = np.zeros(self.max_batch, bool)
         active[0] = True
         for kv_len in self._kv_buckets:
@@ -318,13 +318,16 @@ class Engine:
         return bucket_for(start + self._prefill_buckets[-1], self._kv_buckets)
 
     def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool,
-                       mask: np.ndarray) -> SampleOut:
+                       mask: np.ndarray, targets: list[int] | None = None) -> SampleOut:
+        """One prompt chunk; with ``targets`` (each position's next prompt token) it is scored too."""
         tokens = np.zeros(length, np.int32)
         tokens[: len(chunk)] = chunk
         kv_len = length if start == 0 else self._chunk_kv_len(start)
+        scored = {} if targets is None else {"targets": np.pad(np.asarray(targets, np.int32), (0, length - len(targets))),
+                                             "score": True}
         self._state, out = self._steps.prefill(
             self._params, self._state, np.int32(slot), tokens, np.int32(start),
-            np.int32(len(chunk)), np.bool_(final), mask, kv_len=kv_len,
+            np.int32(len(chunk)), np.bool_(final), mask, kv_len=kv_len, **scored,
         )
         return out
 
@@ -354,12 +357,31 @@ class Engine:
         self._state = self._steps.insert(self._state, np.int32(slot), row)
         mask = self._masks([(0, seq)] if seq.constraint else [], 1)[0]
         ids, chunk_size = request.prompt_ids, self._prefill_buckets[-1]
+        scoring = sp.prompt_logprobs is not None
+        scores: list[SampleOut] = []
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
             final = start + chunk_size >= len(ids)
             length = bucket_for(len(chunk), self._prefill_buckets) if start == 0 else chunk_size
-            out = self._prefill_chunk(slot, chunk, start, length, final, mask)
+            targets = ids[start + 1 : start + len(chunk) + 1] if scoring else None
+            out = self._prefill_chunk(slot, chunk, start, length, final, mask, targets)
+            if scoring:
+                scores.append(jax.device_get(out.prompt))
+        if scoring:
+            seq.prompt_logprobs = self._prompt_logprobs(ids, scores, sp.prompt_logprobs)
         return out
+
+    def _prompt_logprobs(self, ids: list[int], chunks: list[Any], top: int) -> list[TokenLogprob]:
+        """Every prompt token's logprob given the ones before it; the first has none (``None``)."""
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        items = [TokenLogprob(ids[0], decode(ids[0]), None)]
+        chunk_size = self._prefill_buckets[-1]
+        for position, token in enumerate(ids[1:]):  # token ids[position + 1], predicted at `position`
+            scores, at = chunks[position // chunk_size], position % chunk_size
+            alternatives = [(int(t), decode(int(t)), float(lp))
+                            for t, lp in zip(scores.top_ids[at][:top], scores.top_logprobs[at][:top])]
+            items.append(TokenLogprob(token, decode(token), float(scores.logprob[at]), alternatives))
+        return items
 
     def _admit(self) -> list[tuple[_Seq, SampleOut]]:
         admitted = []
@@ -447,7 +469,8 @@ class Engine:
                 reason = "stop"
             elif complete or seq.generated >= seq.max_tokens:  # a complete grammar ends the text
                 text, reason = text + seq.detok.flush(), "stop" if complete else "length"
-        seq.req.stream.push(TokenDelta(seq.index, text, [token], logprobs))
+        prompt, seq.prompt_logprobs = seq.prompt_logprobs, None
+        seq.req.stream.push(TokenDelta(seq.index, text, [token], logprobs, prompt))
         if reason is not None:
             self._finish(seq, reason, error)
 

@@ -43,11 +43,20 @@ class SlotSampling(NamedTuple):
     logit_bias: Array  # float32 [B, V]
 
 
+class PromptScores(NamedTuple):
+    """A prompt chunk scored by the model: at each position, the next prompt token's log-probability."""
+
+    logprob: Array  # float32 [L]: log-probability of targets[t] after the tokens up to t
+    top_ids: Array  # int32 [L, min(MAX_TOP_LOGPROBS, V)]
+    top_logprobs: Array  # float32 [L, min(MAX_TOP_LOGPROBS, V)]
+
+
 class SampleOut(NamedTuple):
     tokens: Array  # int32 [B]
     logprob: Array  # float32 [B]: raw log-probability of the chosen token
     top_ids: Array  # int32 [B, min(MAX_TOP_LOGPROBS, V)]
     top_logprobs: Array  # float32 [B, min(MAX_TOP_LOGPROBS, V)]
+    prompt: PromptScores | None = None  # a scoring prefill's (prompt logprobs)
 
 
 def host_row(
@@ -150,6 +159,14 @@ def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
     noisy = scaled + _gumbel(sp, step, logits.shape[-1])
     sampled = jnp.argmax(jnp.where(scaled >= threshold, noisy, -jnp.inf), axis=-1)
     return jnp.where(sp.temperature > 0, sampled, jnp.argmax(logits, axis=-1))
+
+
+def score_tokens(logits: Array, targets: Array) -> PromptScores:
+    """Raw log-probabilities of ``targets [L]`` under ``logits [L, V]``, with the top alternatives."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
+    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    return PromptScores(chosen, top_ids.astype(jnp.int32), top_lp)
 
 
 def sample(

@@ -50,6 +50,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
     grammar: Grammar | None = None  # constrained decoding; ends the sequence when complete
+    prompt_logprobs: int | None = None  # score the prompt tokens too, with this many alternatives (0..20)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class GenerationRequest:
 class TokenLogprob:
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None for a prompt's first token (nothing predicts it)
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
 
 
@@ -85,6 +86,7 @@ class TokenDelta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token, if the request asked for them
 
 
 @dataclass

@@ -47,6 +47,10 @@ def validate_request(
         isinstance(sp.top_logprobs, int) and 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS,
         "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]",
     )
+    _check(
+        sp.prompt_logprobs is None or (isinstance(sp.prompt_logprobs, int) and 0 <= sp.prompt_logprobs <= MAX_TOP_LOGPROBS),
+        "prompt_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]",
+    )
     _check(all(isinstance(s, str) and s for s in sp.stop), "stop", "stop strings must be non-empty strings")
     _check(
         all(isinstance(t, int) and 0 <= t < vocab_size for t in sp.stop_token_ids),
