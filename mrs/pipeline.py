@@ -133,9 +133,10 @@ class Pipeline:
         return result
 
     def stream(self, prompt: Prompt, *, max_tokens: int = 64, temperature: float = 0.0,
-               **sampling: Any) -> Iterator[str]:
-        """Yield the completion's text as it is generated."""
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+               response_format: Any = None, grammar: Any = None, **sampling: Any) -> Iterator[str]:
+        """Yield the completion's text as it is generated (``generate``'s arguments)."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                grammar=output_grammar(response_format, grammar), **sampling)
         for event in self.engine.submit(GenerationRequest(self.encode(prompt), params)):
             if isinstance(event, TokenDelta) and event.text:
                 yield event.text

@@ -153,5 +153,6 @@ def test_python_api_takes_the_http_fields(pipe: Pipeline) -> None:
         with pytest.raises(InvalidRequest) as err:
             pipe.chat(messages, **kwargs)
         assert err.value.param == param
+    assert re.fullmatch(REGEX, "".join(pipe.stream("Say:", grammar={"type": "regex", "value": REGEX}, max_tokens=20)))
     scored = pipe.generate("Say:", max_tokens=2, prompt_logprobs=1)
     assert [t.token_id for t in scored.prompt_logprobs] == scored.prompt_ids and scored.prompt_logprobs[0].logprob is None

@@ -113,6 +113,8 @@ class Engine:
         self._param_bytes = param_bytes(self._params)
         self._grammars = GrammarEngine(self.tokenizer, model_config.vocab_size, checkpoint.eos_token_ids)
         self._all_allowed = all_allowed(self.max_batch, model_config.vocab_size)
+        # On the device once: a batch without a constraint sends no mask per step.
+        self._unconstrained = jax.device_put(self._all_allowed)
         self._grammar_seconds = 0.0  # host time in consuming tokens and filling masks
         self._state: Any = None
         self._slots: list[_Seq | None] = [None] * self.max_batch
@@ -304,7 +306,7 @@ class Engine:
         active[0] = True
         for kv_len in self._kv_buckets:
             for rows in self._batch_buckets:
-                self._state, out = self._steps.decode(self._params, self._state, active, self._all_allowed,
+                self._state, out = self._steps.decode(self._params, self._state, active, self._unconstrained,
                                                       kv_len=kv_len, rows=rows)
         jax.block_until_ready(out)
         self._state = self._steps.init_state()
@@ -430,7 +432,7 @@ class Engine:
         started = time.perf_counter()
         kv_len = bucket_for(longest, self._kv_buckets)
         rows = bucket_for(last + 1, self._batch_buckets)  # slots fill lowest first
-        mask = self._masks(constrained, self.max_batch) if constrained else self._all_allowed
+        mask = self._masks(constrained, self.max_batch) if constrained else self._unconstrained
         self._state, out = self._steps.decode(self._params, self._state, active, mask, kv_len=kv_len, rows=rows)
         return _Step(out, owners, started, bool(constrained))
 
