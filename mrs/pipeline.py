@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from mrs.config.schema import EngineConfig, ModelEntry, entry_from_dict
 from mrs.engine.engine import Engine
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta, TokenLogprob
-from mrs.errors import ConfigError
+from mrs.errors import ConfigError, InvalidRequest
 from mrs.loading.chat_template import render_chat
 from mrs.loading.checkpoint import Checkpoint
 from mrs.models.config import ModelConfig
@@ -88,6 +88,14 @@ class Pipeline:
         if self.checkpoint.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return ids
+
+    def decode(self, ids: list[int], param: str = "tokens") -> str:
+        """The text of token ids; an id outside the vocabulary is an InvalidRequest naming ``param``."""
+        vocab = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"{param}: token ids must be in [0, {vocab}); got {bad}", param=param)
+        return self.tokenizer.decode(ids)
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[Tool] | None = None, **template: Any) -> list[int]:
         """OpenAI-shaped messages (tool calls and results included) through the chat template;

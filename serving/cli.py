@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 from mrs.config.mistralrs import load_multi_model_config
-from mrs.config.schema import (
-    GGUF, PLAIN, VISION_PLAIN, EngineConfig, ModelEntry, ModelSource, ServeConfig, ServerConfig,
-)
+from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, EngineConfig, ModelEntry, ModelSource, ServeConfig, ServerConfig
 from mrs.config.validate import check_serve_config
 from mrs.errors import ConfigError
 
@@ -61,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-warmup", action="store_true", help="compile lazily instead of before serving")
     parser.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout_s,
                         help="seconds in-flight requests get on SIGINT/SIGTERM (default %(default)s)")
+    _access_options(parser)
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="chat in the terminal with the default (else first) model instead of serving HTTP")
     parser.add_argument("--multi-model", action="store_true", help="serve the models of --multi-model-config")
@@ -87,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     vision.add_argument("-a", "--arch")
     _model_options(vision, suppress=True)
     return parser
+
+
+def _access_options(parser: argparse.ArgumentParser) -> None:
+    """Keys, CORS, limits and TLS (ServerConfig's fields of the same names)."""
+    group = parser.add_argument_group("access, limits and TLS")
+    group.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' (repeatable; also $MRS_API_KEY)")
+    group.add_argument("--api-key-file", metavar="FILE", help="more API keys, one per line")
+    group.add_argument("--admin-api-key", action="append", default=[], metavar="KEY",
+                       help="a key that may also load, unload, add and remove models; with one set, "
+                            "only admin keys may (repeatable)")
+    group.add_argument("--metrics-need-key", action="store_true", help="/metrics needs a key too")
+    group.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser calls from ORIGIN (repeatable; '*' for any); default: CORS off")
+    group.add_argument("--max-body", default=ServerConfig.max_body,
+                       help="request body cap, e.g. 8MiB (default %(default)s); over it: 413")
+    group.add_argument("--max-tokens-limit", type=int, metavar="N",
+                       help="cap on max_tokens per request, and its default when a request sets none")
+    group.add_argument("--max-n", type=int, metavar="N", help="cap on n (choices) per request")
+    group.add_argument("--max-prompt-tokens", type=int, metavar="N", help="cap on a request's prompt tokens")
+    group.add_argument("--request-timeout", type=float, metavar="S",
+                       help="end a generation still running after S seconds with an error (default: none)")
+    group.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    group.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -118,8 +141,13 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.prefill_buckets:
         engine.prefill_buckets = args.prefill_buckets
     config = ServeConfig(
-        server=ServerConfig(host=args.host, port=args.port, log_level=args.log_level,
-                            shutdown_timeout_s=args.shutdown_timeout),
+        server=ServerConfig(
+            host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout,
+            api_keys=args.api_key, api_key_file=args.api_key_file, admin_api_keys=args.admin_api_key,
+            metrics_need_key=args.metrics_need_key, cors_origins=args.cors_origin, max_body=args.max_body,
+            max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens,
+            request_timeout_s=args.request_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        ),
         engine=engine,
         models=models,
         default_model_id=args.default_model_id,

@@ -18,7 +18,7 @@ from mrs.errors import ModelUnavailable, MrsError
 from mrs.pipeline import Pipeline
 from mrs.tools import ToolCall, ToolCallParser, finish_reason, parse_reply
 from serving import protocol, sse
-from serving.errors import to_reply
+from serving.errors import RequestTimedOut, to_reply
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Job:
     include_usage: bool = False
     echoes: list[str] | None = None  # text completions with echo: each prompt's text, prepended to its output
     tool_calls: bool = False  # chat with tools enabled: the reply is parsed into tool_calls
+    timeout_s: float | None = None  # the server's request_timeout_s
     created: int = field(default_factory=protocol.now)
 
     @property
@@ -88,6 +89,25 @@ class Job:
     @property
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+async def _within(job: Job, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``events`` until the job's timeout, then ``RequestTimedOut``. Only the wait for the
+    engine is timed: a timeout around the caller's yields would cancel its task mid-write."""
+    if job.timeout_s is None:
+        async for event in events:
+            yield event
+        return
+    deadline = time.monotonic() + job.timeout_s
+    iterator = aiter(events)
+    while True:
+        try:
+            event = await asyncio.wait_for(anext(iterator), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimedOut(f"the generation ran past this server's request timeout of {job.timeout_s:g} s") from None
+        yield event
 
 
 def _cancelled_error() -> ModelUnavailable:
@@ -158,7 +178,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
     timer = _Timer(metrics, job.model_id)
     streams = job.submit()
     try:
-        async for index, event in _merged(streams, job.n):
+        async for index, event in _within(job, _merged(streams, job.n)):
             if isinstance(event, TokenDelta):
                 timer.token()
                 texts[index] += event.text
@@ -238,7 +258,7 @@ async def _chunks(job: Job, streams: list[Any], metrics: Metrics) -> AsyncIterat
         if job.echoes and not job.scored:
             for i in range(total):
                 yield chunk(i, job.echo(i), [], None)
-        async for index, event in _merged(streams, job.n):
+        async for index, event in _within(job, _merged(streams, job.n)):
             if isinstance(event, TokenDelta):
                 timer.token()
                 if event.prompt_logprobs is not None and job.echoes:  # the echo, once the prompt is scored
@@ -263,6 +283,9 @@ async def _chunks(job: Job, streams: list[Any], metrics: Metrics) -> AsyncIterat
         if job.include_usage:
             yield sse.event({"id": job.id, "object": job.chunk_object, "created": job.created,
                              "model": job.model_id, "choices": [], "usage": protocol.usage_dict(usage)})
+        yield sse.DONE
+    except RequestTimedOut as exc:
+        yield sse.event(to_reply(exc).body)
         yield sse.DONE
     except asyncio.CancelledError:
         log.info("client disconnected; cancelling %s", job.id)

@@ -8,12 +8,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mrs.errors import (
-    ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelUnavailable, MrsError, Overloaded,
-)
+from mrs.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelUnavailable, MrsError, Overloaded
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
+
+
+class AuthenticationFailed(MrsError):
+    """No API key, or one that is not the server's (HTTP 401)."""
+
+
+class PermissionDenied(MrsError):
+    """A valid key that may not do this, e.g. manage models without an admin key (HTTP 403)."""
+
+
+class RequestTimedOut(MrsError):
+    """The generation ran past the server's ``request_timeout_s`` (HTTP 504)."""
 
 
 @dataclass
@@ -40,6 +50,16 @@ def to_reply(exc: BaseException) -> ErrorReply:
     if isinstance(exc, ValidationError):
         message, param = validation_message(exc)
         return ErrorReply(400, envelope(message, "invalid_request_error", param))
+    if isinstance(exc, AuthenticationFailed):
+        # Connection: close because the refused request's body is never read, and a
+        # keep-alive client would otherwise send its next request into that unread body.
+        return ErrorReply(401, envelope(exc.message, "authentication_error", None, "invalid_api_key"),
+                          {"WWW-Authenticate": "Bearer", "Connection": "close"})
+    if isinstance(exc, PermissionDenied):
+        return ErrorReply(403, envelope(exc.message, "permission_error", None, "admin_key_required"),
+                          {"Connection": "close"})
+    if isinstance(exc, RequestTimedOut):
+        return ErrorReply(504, envelope(exc.message, "timeout_error", None, "request_timeout"))
     if isinstance(exc, ContextLengthExceeded):
         return ErrorReply(400, envelope(exc.message, "invalid_request_error", exc.param or "messages",
                                         "context_length_exceeded"))

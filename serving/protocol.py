@@ -14,15 +14,18 @@ import time
 import uuid
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 
+from mrs.engine.bounds import SAMPLING
 from mrs.engine.types import Grammar, SamplingParams, TokenLogprob, Usage
 from mrs.response_format import GrammarSpec, ResponseFormat, output_grammar
 from mrs.tools import Tool, ToolChoice, parse_tools, reply_grammar
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON value of the wrong type (`"n": true`, `"temperature": "1"`) is a 400
+    # naming the field, not quietly coerced; forbid: so is a field OpenAI does not have.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _refused(why: str, honoured: Callable[[Any], bool] = lambda value: False) -> Any:
@@ -37,9 +40,6 @@ def _refused(why: str, honoured: Callable[[Any], bool] = lambda value: False) ->
     return AfterValidator(check)
 
 
-SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit integer
-
-
 class StreamOptions(_Request):
     include_usage: bool = False
     include_obfuscation: Annotated[bool | None, _refused("mrs streams carry no obfuscation padding", lambda v: not v)] = None
@@ -51,17 +51,17 @@ class _Sampling(_Request):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    logit_bias: dict[int, float] | None = None
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: int = Field(1, **SAMPLING["n"].field())  # the upper end is the engine's (or the server's) limit
+    max_tokens: int | None = Field(None, **SAMPLING["max_tokens"].field())
+    temperature: float = Field(1.0, **SAMPLING["temperature"].field())
+    top_p: float = Field(1.0, **SAMPLING["top_p"].field())
+    top_k: int = Field(0, **SAMPLING["top_k"].field())
+    min_p: float = Field(0.0, **SAMPLING["min_p"].field())
+    presence_penalty: float = Field(0.0, **SAMPLING["presence_penalty"].field())
+    frequency_penalty: float = Field(0.0, **SAMPLING["frequency_penalty"].field())
+    repetition_penalty: float = Field(1.0, **SAMPLING["repetition_penalty"].field())
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = None  # JSON object keys are strings
+    seed: int | None = Field(None, **SAMPLING["seed"].field())
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -86,9 +86,10 @@ class _Sampling(_Request):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        bound = SAMPLING["logit_bias"]
         for token, bias in (value or {}).items():
-            if not -100 <= bias <= 100 or token < 0:
-                raise ValueError(f"logit_bias[{token}] must be a token id >= 0 with a bias in [-100, 100]")
+            if not bound.holds(bias) or token < 0:
+                raise ValueError(f"logit_bias[{token}] must be a token id >= 0 with a bias that {bound.describe()}")
         return value
 
     def sampling(self, logprobs: bool, top_logprobs: int, max_tokens: int | None,
@@ -150,9 +151,9 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, **SAMPLING["max_tokens"].field())
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, **SAMPLING["top_logprobs"].field())
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None  # default: "auto" with tools
     parallel_tool_calls: bool = True
@@ -198,11 +199,11 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, **SAMPLING["max_tokens"].field())  # OpenAI's default for text completions
+    logprobs: int | None = Field(None, **SAMPLING["top_logprobs"].field())
     echo: bool = False
     suffix: Annotated[str | None, _refused("suffix (insertion) is not implemented", lambda v: v == "")] = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, **SAMPLING["n"].field())
 
     @field_validator("best_of")
     @classmethod

@@ -24,6 +24,7 @@ from mrs.config.validate import check_serve_config
 from mrs.errors import ConfigError, MrsError
 from mrs.models.registry import ARCHS
 from serving.app import create_app
+from serving.security import Keys
 from serving.table import ModelTable
 
 log = logging.getLogger("mrs.server")
@@ -42,6 +43,7 @@ def run(config: ServeConfig) -> int:
     try:
         check_serve_config(config)
         _check_archs(config)
+        keys = Keys.from_config(config.server, os.environ)  # the one read of $MRS_API_KEY
         if not config.interactive:
             _check_port(config.server.host, config.server.port)
     except ConfigError as e:
@@ -51,7 +53,7 @@ def run(config: ServeConfig) -> int:
         from serving.interactive import chat_loop
 
         return chat_loop(config)
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, keys))
 
 
 def _check_archs(config: ServeConfig) -> None:
@@ -76,9 +78,9 @@ def _check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}", param="port") from None
 
 
-async def _serve(config: ServeConfig) -> int:
+async def _serve(config: ServeConfig, keys: Keys) -> int:
     table = ModelTable(config)
-    app = create_app(table)
+    app = create_app(table, config.server, keys)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -96,7 +98,8 @@ async def _serve(config: ServeConfig) -> int:
             log.exception("startup failed")
         else:
             app.config["MRS_STARTED"] = True
-            log.info("serving on http://%s:%d (OpenAI API under /v1)", config.server.host, config.server.port)
+            log.info("serving on %s://%s:%d (OpenAI API under /v1%s)", "https" if tls else "http",
+                     config.server.host, config.server.port, "; API keys required" if keys.enabled else "")
             return
         exit_code = 1
         loop.call_soon_threadsafe(stop.set)
@@ -106,6 +109,9 @@ async def _serve(config: ServeConfig) -> int:
     hyper.graceful_timeout = config.server.shutdown_timeout_s
     hyper.accesslog = logging.getLogger("hypercorn.access") if config.server.log_level == "debug" else None
     hyper.errorlog = logging.getLogger("hypercorn.error")
+    tls = bool(config.server.ssl_certfile)
+    if tls:
+        hyper.certfile, hyper.keyfile = config.server.ssl_certfile, config.server.ssl_keyfile
     loader = threading.Thread(target=load_models, name="mrs-loader", daemon=True)
     loader.start()
     try:

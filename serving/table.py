@@ -102,15 +102,24 @@ class ModelTable:
     # ---- lifecycle (blocking; call from threads) ---------------------------------------
 
     def load_all(self) -> None:
-        """Load every model in order, with progress in the log; raises on the first failure."""
+        """Load every model in order, with progress in the log. A model that fails stays
+        ``failed`` with its error while the others serve; raises only when none loaded."""
         total = len(self._rows)
         for i, (model_id, row) in enumerate(self._rows.items(), 1):
             if self._aborted:
                 raise ModelUnavailable("startup loading stopped: the server is shutting down")
             log.info("[%d/%d] loading model %r from %s", i, total, model_id, _describe(row.entry))
-            self._load(row, LOADING)
+            try:
+                self._load(row, LOADING)
+            except Exception as exc:
+                log.error("[%d/%d] model %r failed to load: %s", i, total, model_id, getattr(exc, "message", exc))
+                continue
             log.info("[%d/%d] model %r ready (%s)", i, total, model_id, _summary(row.served))
-        log.info("all %d models loaded; default model: %r", total, self.default_id)
+        failed = {m: row.error for m, row in self._rows.items() if row.status == FAILED}
+        if len(failed) == total:
+            raise ModelUnavailable("no model could be loaded: " + "; ".join(f"{m}: {e}" for m, e in failed.items()))
+        log.info("%d of %d models loaded; default model: %r%s", total - len(failed), total, self.default_id,
+                 f"; failed: {', '.join(failed)}" if failed else "")
 
     def abort_loading(self) -> None:
         """Make ``load_all`` stop before its next model (shutdown during startup)."""

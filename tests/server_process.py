@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -52,10 +53,16 @@ class Server:
     proc: subprocess.Popen
     port: int
     log: Path
+    ca: Path | None = None  # the certificate of a server started with TLS
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify=`` for this server."""
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -66,7 +73,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=5, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -85,11 +92,12 @@ class Server:
         return self.proc.returncode
 
 
-def start(argv: list[str], log: Path, env: dict[str, str], port: int | None = None) -> Server:
-    """``argv`` is the command without the port: ``[mrs-server, ...]`` or ``[mrs, serve, ...]``."""
+def start(argv: list[str], log: Path, env: dict[str, str], port: int | None = None, ca: Path | None = None) -> Server:
+    """``argv`` is the command without the port: ``[mrs-server, ...]`` or ``[mrs, serve, ...]``;
+    ``ca``: the certificate, when ``argv`` serves TLS."""
     port = port or free_port()
     argv = [*argv, f"server.port={port}"] if argv[1:2] == ["serve"] else [argv[0], "--port", str(port), *argv[1:]]
     out = open(log, "w")
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     out.close()  # the child holds its own descriptor
-    return Server(proc, port, log)
+    return Server(proc, port, log, ca)

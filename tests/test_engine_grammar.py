@@ -99,6 +99,7 @@ def test_bad_grammars_are_invalid_requests_naming_the_field(engine) -> None:
         Grammar("regex", "a(b"),
         Grammar("lark", "start: undefined_rule"),
         Grammar("json_schema", {"type": "string", "format": "no-such-format"}, param="response_format"),
+        Grammar("regex", "[^\\s\\S]"),  # matches nothing
     ]
     for grammar in cases:
         with pytest.raises(InvalidRequest) as err:

@@ -253,3 +253,43 @@ def test_prompt_logprobs_equal_hf_transformers(engine, tiny) -> None:
     for position, item in enumerate(scored[1:]):
         assert [t for t, _, _ in item.top] == np.argsort(-reference[position])[:3].tolist()
     assert all(d.prompt_logprobs is None for d in deltas[1:])
+
+
+def test_a_failing_detokenizer_ends_only_its_request(engine, monkeypatch) -> None:
+    """Fault injection: turning token POISON into text raises. The request forced onto it
+    ends with an error; the one sharing its decode steps (banned from it) is untouched."""
+    from mrs.engine.detokenizer import IncrementalDetokenizer
+
+    poison, real_add = 7, IncrementalDetokenizer.add
+
+    def add(self, token: int) -> str:
+        if token == poison:
+            raise UnicodeError("injected detokenizer failure")
+        return real_add(self, token)
+
+    def request(bias: float) -> GenerationRequest:
+        return GenerationRequest(prompt(12, seed=5), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                                    logit_bias={poison: bias}))
+
+    alone, _, _ = run(engine, request(-100.0).prompt_ids, temperature=0.0, max_tokens=12, ignore_eos=True,
+                      logit_bias={poison: -100.0})
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    victim, bystander = request(100.0), request(-100.0)
+
+    async def events(stream) -> list:
+        return [event async for event in stream]
+
+    async def both():
+        return await asyncio.gather(events(engine.submit(victim)), events(engine.submit(bystander)))
+
+    victim_events, bystander_events = asyncio.run(both())
+    assert victim_events[-1].reason == "error" and "injected detokenizer" in str(victim_events[-1].error)
+    assert bystander_events[-1].reason == "length"
+    assert [t for e in bystander_events if isinstance(e, TokenDelta) for t in e.token_ids] == alone
+    monkeypatch.setattr(IncrementalDetokenizer, "add", real_add)
+    deadline = time.time() + 5  # the engine thread forgets a request just after its last event
+    while engine._requests and time.time() < deadline:
+        time.sleep(0.01)
+    assert not engine._requests  # nothing of either request is left behind
+    stats = engine.stats()
+    assert stats["slots_busy"] == 0 and stats["queue_depth"] == 0 and engine.healthy

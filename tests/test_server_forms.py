@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -98,6 +99,39 @@ async def _burst(url: str, count: int) -> list[int]:
         if reply.status_code == 429:
             assert reply.headers["retry-after"] and reply.json()["error"]["type"] == "rate_limit_error"
     return [reply.status_code for reply in replies]
+
+
+def test_a_model_that_fails_half_way_through_loading_leaves_the_others_serving(tiny_llama: Path, reference: dict,
+                                                                              tmp_path: Path) -> None:
+    """Fault injection: the second model's safetensors file is cut in half, so its load fails
+    while reading tensors. The first serves; the second is ``failed`` with the reason, its
+    requests get 503 naming it, and once the file is whole again ``reload`` brings it up."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps([{"model_id": m, "model": {"Plain": {"model_id": str(p), "arch": "llama"}}}
+                                  for m, p in (("good", tiny_llama), ("broken", broken))]))
+    server = start([str(BIN / "mrs-server"), *TINY_ENGINE, "--multi-model", "--multi-model-config", str(config)],
+                   tmp_path / "server.log", jax_cache_env())
+    try:
+        server.wait_ready()
+        client = _client(server.url)
+        assert _complete(client, "good").choices[0].text == reference["text"]
+        status = httpx.post(f"{server.url}/v1/models/status", json={"model_id": "broken"}).json()
+        assert status["status"] == "failed" and status["error"]
+        with pytest.raises(openai.APIStatusError) as err:
+            _complete(client, "broken")
+        assert err.value.status_code == 503 and "failed to load" in err.value.message
+        shutil.copy(tiny_llama / "model.safetensors", weights)
+        reloaded = httpx.post(f"{server.url}/v1/models/reload", json={"model_id": "broken"}, timeout=600).json()
+        assert reloaded["status"] == "loaded", reloaded
+        assert _complete(client, "broken").choices[0].text == reference["text"]
+        assert _complete(client, "good").choices[0].text == reference["text"]
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+    assert "'broken' failed to load" in server.output() and "1 of 2 models loaded" in server.output()
 
 
 def test_interactive_chat_through_a_pty(smollm2_gguf: Path) -> None:

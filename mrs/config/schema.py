@@ -55,6 +55,23 @@ class ServerConfig:
     port: int = 1234
     log_level: str = "info"
     shutdown_timeout_s: float = 30.0
+    # Access: with any key set, every endpoint but /health (and /metrics, unless
+    # metrics_need_key) needs `Authorization: Bearer <key>`. Admin keys also pass
+    # everywhere; when some are set, model management needs one of them.
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: str | None = None  # one key per line; adds to api_keys (as does $MRS_API_KEY)
+    admin_api_keys: list[str] = field(default_factory=list)
+    metrics_need_key: bool = False
+    cors_origins: list[str] = field(default_factory=list)  # empty: CORS off; "*" allows any origin
+    # Limits (None: no limit beyond the model's own)
+    max_body: str = "8MiB"  # request body cap, bytes or a size such as "512KiB"; over it: 413
+    max_tokens_limit: int | None = None  # per request; also the default when a request sets none
+    max_n: int | None = None  # choices per request (the engine's slot count caps it anyway)
+    max_prompt_tokens: int | None = None
+    request_timeout_s: float | None = None  # a generation still running then ends with an error
+    # TLS: both or neither
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
 
 @dataclass

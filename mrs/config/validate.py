@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry, ServeConfig
+from pathlib import Path
+
+from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry, ServeConfig, ServerConfig
+from mrs.config.units import parse_size
 from mrs.errors import ConfigError
 
 
@@ -49,5 +52,23 @@ def check_serve_config(config: ServeConfig) -> None:
     engine = config.engine
     if engine.max_batch < 1 or engine.max_seq_len < 1 or engine.max_queue < 0:
         raise ConfigError("engine: max_batch and max_seq_len must be >= 1, max_queue >= 0")
-    if not 0 < config.server.port < 65536:
-        raise ConfigError(f"server.port {config.server.port} is not a TCP port", param="port")
+    check_server_config(config.server)
+
+
+def check_server_config(server: ServerConfig) -> None:
+    if not 0 < server.port < 65536:
+        raise ConfigError(f"server.port {server.port} is not a TCP port", param="port")
+    parse_size(server.max_body, "max_body")
+    for name in ("max_tokens_limit", "max_n", "max_prompt_tokens"):
+        value = getattr(server, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"server.{name} must be >= 1 (or unset), got {value}", param=name)
+    if server.request_timeout_s is not None and not server.request_timeout_s > 0:
+        raise ConfigError(f"server.request_timeout_s must be > 0 (or unset), got {server.request_timeout_s}",
+                          param="request_timeout_s")
+    if bool(server.ssl_certfile) != bool(server.ssl_keyfile):
+        raise ConfigError("TLS needs both ssl_certfile and ssl_keyfile", param="ssl_certfile")
+    for name in ("ssl_certfile", "ssl_keyfile", "api_key_file"):
+        path = getattr(server, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"server.{name}: no file at {path!r}", param=name)

@@ -340,18 +340,17 @@ class Engine:
         on CPU) while the host prepares the next step.
         """
         mask = self._all_allowed[:rows].copy()
-        begin = time.perf_counter()
         for row, seq in seqs:
-            seq.constraint.fill(mask, row)
-        self._grammar_seconds += time.perf_counter() - begin
+            mask[row] = seq.constraint.mask[0]
         return mask
 
     def _prefill(self, seq: _Seq, slot: int) -> SampleOut:
         """Insert ``seq``'s sampling row into ``slot`` and prefill its prompt (chunked)."""
         request = seq.req.request
         sp = request.sampling
+        vocab = self.checkpoint.config.vocab_size
         row = host_row(
-            self.checkpoint.config.vocab_size, temperature=sp.temperature, top_k=max(sp.top_k, 0),
+            vocab, temperature=sp.temperature, top_k=min(max(sp.top_k, 0), vocab),  # k >= vocab keeps all, as 0 does
             top_p=sp.top_p, min_p=sp.min_p, presence=sp.presence_penalty, frequency=sp.frequency_penalty,
             repetition=sp.repetition_penalty, seed=seq.req.seed, choice=seq.index,
             top_logprobs=sp.top_logprobs if sp.logprobs else 0, logit_bias=sp.logit_bias,
@@ -446,11 +445,19 @@ class Engine:
         """Emit the step's tokens of its constrained (or its unconstrained) owners."""
         for i, seq in enumerate(step.owners):
             if seq is not None and not seq.done and (seq.constraint is not None) == constrained:
-                self._emit(seq, host, i)
+                self._emit_isolated(seq, host, i)
 
     def _emit_first(self, seq: _Seq, out: SampleOut) -> None:
         if not seq.done:
-            self._emit(seq, jax.device_get(out), 0)
+            self._emit_isolated(seq, jax.device_get(out), 0)
+
+    def _emit_isolated(self, seq: _Seq, host: SampleOut, row: int) -> None:
+        """``_emit``, where a failure (a detokenizer that raises, say) ends only ``seq``'s request."""
+        try:
+            self._emit(seq, host, row)
+        except Exception as exc:
+            log.exception("turning a token of %s into text failed", seq.req.request.request_id)
+            self._fail_request(seq.req, exc)
 
     def _emit(self, seq: _Seq, host: SampleOut, row: int) -> None:
         """Turn one sampled token into a delta (and maybe a finish) for ``seq``."""
@@ -459,36 +466,31 @@ class Engine:
         self._tokens_generated += 1
         sp = seq.req.request.sampling
         logprobs = [self._logprob(token, host, row, sp.top_logprobs)] if sp.logprobs else None
-        reason, error = None, None
+        reason = None
         if token in seq.req.stop_ids:
             text, reason = seq.detok.flush(), "stop"
         else:
             text = seq.detok.add(token)
-            complete, error = self._advance(seq, token)
-            if error is not None:
-                reason = "error"
-            elif seq.detok.stopped:
+            complete = self._advance(seq, token)
+            if seq.detok.stopped:
                 reason = "stop"
             elif complete or seq.generated >= seq.max_tokens:  # a complete grammar ends the text
                 text, reason = text + seq.detok.flush(), "stop" if complete else "length"
         prompt, seq.prompt_logprobs = seq.prompt_logprobs, None
         seq.req.stream.push(TokenDelta(seq.index, text, [token], logprobs, prompt))
         if reason is not None:
-            self._finish(seq, reason, error)
+            self._finish(seq, reason)
 
-    def _advance(self, seq: _Seq, token: int) -> tuple[bool, Exception | None]:
-        """Consume ``token`` into ``seq``'s grammar: whether it is now complete, or the error."""
+    def _advance(self, seq: _Seq, token: int) -> bool:
+        """Consume ``token`` into ``seq``'s grammar (and fill its next mask); whether it is now
+        complete. A grammar at a dead end raises, and ``_emit_isolated`` fails only this request."""
         if seq.constraint is None:
-            return False, None
+            return False
         begin = time.perf_counter()
         try:
-            seq.constraint.consume(token)
-        except RuntimeError as err:  # never expected (the mask allowed the token): fail this request only
-            log.exception("grammar state of %s", seq.req.request.request_id)
-            return False, err
+            return seq.constraint.advance(token)
         finally:
             self._grammar_seconds += time.perf_counter() - begin
-        return seq.constraint.stopped, None
 
     def _logprob(self, token: int, host: SampleOut, row: int, top: int) -> TokenLogprob:
         decode = lambda t: self.tokenizer.decode([t])  # noqa: E731

@@ -19,6 +19,7 @@ import llguidance.hf
 import llguidance.numpy
 import numpy as np
 
+from mrs.engine.sampling import mask_words
 from mrs.engine.types import Grammar
 from mrs.errors import InvalidRequest
 
@@ -52,24 +53,35 @@ def _text(grammar: Grammar) -> str:
 
 
 class Constraint:
-    """One sequence's grammar state: consumes its tokens, fills its rows of the token bitmask."""
+    """One sequence's grammar state and its next token bitmask (``mask``, one row of int32
+    words in llguidance's layout), kept current as tokens are consumed.
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
-        self._matcher = matcher
+    A grammar that leaves no token allowed (one that matches nothing, or a dead end) is
+    the request's error, an ``InvalidRequest`` naming its field: at submit for the first
+    token, else when the token that led there is consumed.
+    """
 
-    def fill(self, mask: np.ndarray, row: int) -> None:
-        """Write the allowed next tokens into ``mask[row]`` (int32 words, llguidance's layout)."""
-        llguidance.numpy.fill_next_token_bitmask(self._matcher, mask, row)
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, param: str) -> None:
+        self._matcher, self._param = matcher, param
+        self.mask = np.empty((1, mask_words(vocab_size)), np.int32)
+        self._fill()
 
-    def consume(self, token: int) -> None:
-        """Advance past ``token``; the mask allowed it, so a refusal is an engine bug."""
-        if not self._matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+    def _fill(self) -> None:
+        llguidance.numpy.fill_next_token_bitmask(self._matcher, self.mask, 0)
+        if self._matcher.is_error() or not self.mask.any():  # (llguidance then allows only EOS)
+            raise InvalidRequest(f"{self._param}: the grammar allows no token here ({self._matcher.get_error() or 'a dead end'})",
+                                 param=self._param)
 
-    @property
-    def stopped(self) -> bool:
-        """The grammar admits no further token: the sequence is complete."""
-        return self._matcher.is_stopped()
+    def advance(self, token: int) -> bool:
+        """Consume ``token`` and compute the next mask; whether the grammar is complete
+        (it admits no further token: the sequence ends)."""
+        if not self._matcher.consume_token(token):  # the mask allowed it: never expected
+            raise InvalidRequest(f"{self._param}: the grammar refused token {token}: {self._matcher.get_error()}",
+                                 param=self._param)
+        if self._matcher.is_stopped():
+            return True
+        self._fill()
+        return False
 
 
 class GrammarEngine:
@@ -77,6 +89,7 @@ class GrammarEngine:
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         self._unavailable: str | None = None
+        self._vocab_size = vocab_size
         try:
             # n_vocab is the model's (its head may be wider than the tokenizer): extra ids stay masked.
             self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
@@ -100,4 +113,4 @@ class GrammarEngine:
         for matcher in matchers:
             if matcher.is_error():
                 raise InvalidRequest(f"{grammar.param}: {matcher.get_error()}", param=grammar.param)
-        return [Constraint(m) for m in matchers]
+        return [Constraint(m, self._vocab_size, grammar.param) for m in matchers]

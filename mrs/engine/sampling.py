@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_TOP_LOGPROBS = 20
+from mrs.engine.bounds import MAX_TOP_LOGPROBS
 
 Array = jax.Array
 
