@@ -87,14 +87,14 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-_TOOLS = TypeAdapter(list[Tool])
+_TOOL = TypeAdapter(Tool)
 _CHOICE = TypeAdapter(ToolChoice)
 
 
 def parse_tools(tools: Any, tool_choice: Any) -> tuple[list[Tool], ToolChoice | None]:
     """Python API dicts checked with the HTTP layer's models; ``tool_choice`` needs ``tools``."""
     try:
-        parsed = [t if isinstance(t, Tool) else _TOOLS.validate_python([t])[0] for t in tools or []]
+        parsed = [t if isinstance(t, Tool) else _TOOL.validate_python(t) for t in tools or []]
     except ValidationError as err:
         raise InvalidRequest(f"tools: {err.errors()[0]['msg']}", param="tools") from None
     try:
@@ -136,7 +136,7 @@ def tool_grammar(tools: list[Tool], choice: ToolChoice | None, parallel: bool = 
         tools = [t for t in tools if t.function.name == choice.function.name]
     rules = [f"fn_{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(tools)]
     repeat = ' ("\\n" call)*' if parallel else ""
-    start = "calls" if choice in ("required",) or isinstance(choice, NamedToolChoice) else "calls | TEXT"
+    start = "calls" if choice == "required" or isinstance(choice, NamedToolChoice) else "calls | TEXT"
     lark = "\n".join([
         "%llguidance {}",
         f"start: {start}",
