@@ -3,6 +3,9 @@
     pipe = mrs.load("smollm2-135m")
     pipe.generate("The capital of France is", max_tokens=16).text
     pipe.chat([{"role": "user", "content": "Hi!"}]).text
+    pipe.chat(messages, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}})
+    pipe.chat(messages, tools=[{"type": "function", "function": {...}}], tool_choice="required").tool_calls
+    pipe.generate("Answer yes or no:", grammar={"type": "regex", "value": "(yes|no)"})
 
 There is one code path: every call is a request to the model's engine (so a list of
 prompts is batched by continuous batching, like concurrent HTTP requests).
@@ -23,6 +26,8 @@ from mrs.errors import ConfigError, InvalidRequest
 from mrs.loading.chat_template import render_chat
 from mrs.loading.checkpoint import Checkpoint
 from mrs.models.config import ModelConfig
+from mrs.response_format import output_grammar
+from mrs.tools import Tool, ToolCall, calls_enabled, finish_reason, parse_reply, parse_tools, prompt_messages, reply_grammar
 
 # The Python API's default engine: few slots and buckets, so loading compiles quickly.
 DEFAULT_ENGINE = EngineConfig(max_batch=4, max_seq_len=512, max_queue=64, prefill_buckets=[64, 256])
@@ -51,10 +56,12 @@ class Timing:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # stop | length | cancelled | error
+    finish_reason: str  # stop | length | tool_calls | cancelled | error
     timing: Timing
     logprobs: list[TokenLogprob] | None = None
     prompt_ids: list[int] = field(default_factory=list)
+    tool_calls: list[ToolCall] | None = None  # chat with tools: the parsed calls (``text`` is what remains)
+    prompt_logprobs: list[TokenLogprob] | None = None  # with prompt_logprobs=k: each prompt token's (the first None)
 
 
 class Pipeline:
@@ -116,32 +123,54 @@ class Pipeline:
             raise InvalidRequest(f"{param}: token ids must be in [0, {vocab}); got {bad}", param=param)
         return self.tokenizer.decode(ids)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = render_chat(self.checkpoint.chat_template, messages, self.tokenizer, model_id=self.entry.model_id)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[Tool] | None = None, **template: Any) -> list[int]:
+        """OpenAI-shaped messages (tool calls and results included) through the chat template;
+        ``template`` passes e.g. ``add_generation_prompt`` / ``continue_final_message``."""
+        messages, template_tools = prompt_messages(messages, tools or [], self.checkpoint.chat_template)
+        text = render_chat(self.checkpoint.chat_template, messages, self.tokenizer, model_id=self.entry.model_id,
+                           tools=template_tools, **template)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
 
     def generate(self, prompt: Prompt | list[Prompt], *, max_tokens: int = 64, temperature: float = 0.0,
+                 response_format: Any = None, grammar: Any = None,
                  **sampling: Any) -> GenerationResult | list[GenerationResult]:
         """Complete a prompt (text or token ids); a list of text prompts runs as one batch.
 
         ``sampling`` takes any ``SamplingParams`` field (top_k, top_p, min_p, seed, stop,
-        logprobs, ...). Greedy by default.
+        logprobs, ...). Greedy by default. ``response_format`` and ``grammar`` constrain
+        the output as the HTTP fields do (``mrs.response_format``).
         """
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                grammar=output_grammar(response_format, grammar), **sampling)
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             return self._run_all([self.encode(p) for p in prompt], params)
         return self._run_all([self.encode(prompt)], params)[0]
 
     def chat(self, messages: list[dict[str, Any]], *, max_tokens: int = 64, temperature: float = 0.0,
-             **sampling: Any) -> GenerationResult:
-        """Answer a conversation through the model's chat template."""
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
-        return self._run_all([self.encode_chat(messages)], params)[0]
+             response_format: Any = None, grammar: Any = None, tools: list[Any] | None = None,
+             tool_choice: Any = None, parallel_tool_calls: bool = True, **sampling: Any) -> GenerationResult:
+        """Answer a conversation through the model's chat template.
+
+        ``tools``/``tool_choice``/``parallel_tool_calls`` as in OpenAI's API (``mrs.tools``): the
+        result's ``tool_calls`` holds the parsed calls and ``finish_reason`` is ``tool_calls``.
+        """
+        parsed, choice = parse_tools(tools, tool_choice)
+        choice = choice or ("auto" if parsed else None)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling,
+                                grammar=reply_grammar(parsed, choice, parallel_tool_calls, response_format, grammar))
+        result = self._run_all([self.encode_chat(messages, parsed if calls_enabled(parsed, choice) else None)], params)[0]
+        if calls_enabled(parsed, choice):
+            content, calls = parse_reply(result.text)
+            if calls:
+                result.text, result.tool_calls = content or "", calls
+                result.finish_reason = finish_reason(result.finish_reason, True)
+        return result
 
     def stream(self, prompt: Prompt, *, max_tokens: int = 64, temperature: float = 0.0,
-               **sampling: Any) -> Iterator[str]:
-        """Yield the completion's text as it is generated."""
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+               response_format: Any = None, grammar: Any = None, **sampling: Any) -> Iterator[str]:
+        """Yield the completion's text as it is generated (``generate``'s arguments)."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                grammar=output_grammar(response_format, grammar), **sampling)
         for event in self.engine.submit(GenerationRequest(self.encode(prompt), params)):
             if isinstance(event, TokenDelta) and event.text:
                 yield event.text
@@ -155,13 +184,14 @@ class Pipeline:
 
     @staticmethod
     def _collect(prompt_ids: list[int], stream: Any, begin: float) -> GenerationResult:
-        text, ids, logprobs, first, finish = [], [], [], None, None
+        text, ids, logprobs, first, finish, prompt_logprobs = [], [], [], None, None, None
         for event in stream:
             if isinstance(event, TokenDelta):
                 first = first or time.perf_counter()
                 text.append(event.text)
                 ids += event.token_ids
                 logprobs += event.logprobs or []
+                prompt_logprobs = prompt_logprobs or event.prompt_logprobs
             else:
                 finish = event
         if finish.reason == "error":
@@ -169,7 +199,8 @@ class Pipeline:
         end = time.perf_counter()
         first = first or end
         timing = Timing(len(prompt_ids), len(ids), first - begin, end - first)
-        return GenerationResult("".join(text), ids, finish.reason, timing, logprobs or None, prompt_ids)
+        return GenerationResult("".join(text), ids, finish.reason, timing, logprobs or None, prompt_ids,
+                                prompt_logprobs=prompt_logprobs)
 
     def close(self) -> None:
         self.engine.shutdown()

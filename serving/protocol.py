@@ -1,30 +1,48 @@
 """The OpenAI protocol: request models (pydantic, validated by quart-schema) and response shapes.
 
 Requests carry OpenAI's fields plus the engine's extras (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids), as vLLM and mistral.rs accept them.
-Unknown fields are ignored, as OpenAI-compatible servers do.
+repetition_penalty, ignore_eos, stop_token_ids, grammar), as vLLM and mistral.rs accept
+them. Nothing is silently ignored: every field of OpenAI's chat and completion requests
+(``openai.types.chat.completion_create_params``, ``openai.types.completion_create_params``)
+is either honoured or, at a value mrs cannot honour, a 400 naming it (``_refused``); and
+a field OpenAI does not have either is a 400 too, as OpenAI answers one.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 
 from mrs.engine.bounds import SAMPLING
-from mrs.engine.types import SamplingParams, TokenLogprob, Usage
+from mrs.engine.types import Grammar, SamplingParams, TokenLogprob, Usage
+from mrs.response_format import GrammarSpec, ResponseFormat, output_grammar
+from mrs.tools import Tool, ToolChoice, parse_tools, reply_grammar
 
 
 class _Request(BaseModel):
     # strict: a JSON value of the wrong type (`"n": true`, `"temperature": "1"`) is a 400
-    # naming the field, not quietly coerced.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # naming the field, not quietly coerced; forbid: so is a field OpenAI does not have.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _refused(why: str, honoured: Callable[[Any], bool] = lambda value: False) -> Any:
+    """An OpenAI field mrs does not implement: null, or a value that asks for nothing
+    (``honoured``), passes; anything else is a 400 naming the field and saying why."""
+
+    def check(value: Any) -> Any:
+        if value is not None and not honoured(value):
+            raise ValueError(f"not supported: {why}")
+        return value
+
+    return AfterValidator(check)
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    include_obfuscation: Annotated[bool | None, _refused("mrs streams carry no obfuscation padding", lambda v: not v)] = None
 
 
 class _Sampling(_Request):
@@ -49,6 +67,15 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     keep_alive: str | float | None = None  # Ollama's: the model's idle time-to-live from now on ("5m", 0, -1)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    grammar: GrammarSpec | None = None  # mistral.rs's extension: regex, lark or json_schema
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -66,7 +93,8 @@ class _Sampling(_Request):
                 raise ValueError(f"logit_bias[{token}] must be a token id >= 0 with a bias that {bound.describe()}")
         return value
 
-    def sampling(self, logprobs: bool, top_logprobs: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, logprobs: bool, top_logprobs: int, max_tokens: int | None,
+                 grammar: Grammar | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
@@ -74,7 +102,7 @@ class _Sampling(_Request):
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
             seed=self.seed, max_tokens=max_tokens, ignore_eos=self.ignore_eos, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), n=self.n, logprobs=logprobs,
-            top_logprobs=top_logprobs,
+            top_logprobs=top_logprobs, grammar=grammar,
         )
 
     @property
@@ -87,15 +115,39 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text
+
+
+class AssistantToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
+    refusal: str | None = None  # an assistant turn as OpenAI returns it; not part of the prompt
+    audio: Annotated[Any, _refused("audio")] = None
+    function_call: Annotated[Any, _refused("function_call is deprecated; use tool_calls")] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def openai(self) -> dict[str, Any]:
+        """The message as ``mrs.tools.prompt_messages`` takes it (``developer`` is OpenAI's new ``system``)."""
+        return {
+            "role": "system" if self.role == "developer" else self.role, "content": self.text(), "name": self.name,
+            "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None,
+            "tool_call_id": self.tool_call_id,
+        }
 
 
 class ChatCompletionRequest(_Sampling):
@@ -103,6 +155,28 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, **SAMPLING["max_tokens"].field())
     logprobs: bool = False
     top_logprobs: int | None = Field(None, **SAMPLING["top_logprobs"].field())
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools
+    parallel_tool_calls: bool = True
+    # Accepted, and without effect on the output as on OpenAI's side: identifiers for abuse
+    # monitoring, and tags for stored completions (which mrs never stores).
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    # OpenAI features mrs does not have (see _refused)
+    store: Annotated[bool | None, _refused("mrs does not store completions", lambda v: not v)] = None
+    modalities: Annotated[list[str] | None, _refused("mrs generates text only", lambda v: v == ["text"])] = None
+    audio: Annotated[Any, _refused("audio output")] = None
+    prediction: Annotated[Any, _refused("predicted outputs")] = None
+    reasoning_effort: Annotated[Any, _refused("the served models have no reasoning effort setting")] = None
+    verbosity: Annotated[Any, _refused("verbosity")] = None
+    web_search_options: Annotated[Any, _refused("web search")] = None
+    functions: Annotated[Any, _refused("functions is deprecated; use tools")] = None
+    function_call: Annotated[Any, _refused("function_call is deprecated; use tool_choice")] = None
+    service_tier: Annotated[str | None, _refused("service tiers", lambda v: v in ("auto", "default"))] = None
+    prompt_cache_key: Annotated[Any, _refused("mrs has no prompt cache")] = None
+    prompt_cache_retention: Annotated[Any, _refused("mrs has no prompt cache")] = None
+    prompt_cache_options: Annotated[Any, _refused("mrs has no prompt cache")] = None
+    moderation: Annotated[Any, _refused("moderation")] = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -110,12 +184,18 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs requires logprobs: true")
         return self
 
-    def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.logprobs, self.top_logprobs or 0, self.max_completion_tokens or self.max_tokens)
+    def tool_setup(self) -> tuple[list[Tool], ToolChoice | None]:
+        """The tools and the effective tool_choice (``InvalidRequest`` for a choice without tools)."""
+        tools, choice = parse_tools(self.tools, self.tool_choice)
+        return tools, choice or ("auto" if tools else None)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them (``developer`` is OpenAI's new ``system``)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def to_sampling(self) -> SamplingParams:
+        tools, choice = self.tool_setup()
+        grammar = reply_grammar(tools, choice, self.parallel_tool_calls, self.response_format, self.grammar)
+        return self.sampling(self.logprobs, self.top_logprobs or 0, self.max_completion_tokens or self.max_tokens, grammar)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.openai() for m in self.messages]
 
 
 class CompletionRequest(_Sampling):
@@ -123,25 +203,35 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, **SAMPLING["max_tokens"].field())  # OpenAI's default for text completions
     logprobs: int | None = Field(None, **SAMPLING["top_logprobs"].field())
     echo: bool = False
+    suffix: Annotated[str | None, _refused("suffix (insertion) is not implemented", lambda v: v == "")] = None
+    best_of: int | None = Field(None, **SAMPLING["n"].field())
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("not supported: best_of other than n (mrs returns every choice it samples)")
+        return value
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("batched prompts are not supported; send one prompt per request")
-        if isinstance(value, list) and not value:
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
             raise ValueError("prompt must not be empty")
         return value
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids), or a list of them."""
         value = self.prompt
         if isinstance(value, list) and isinstance(value[0], (str, list)):
-            return value[0]
-        return value
+            return list(value)
+        return [value]
 
     def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.logprobs is not None, self.logprobs or 0, self.max_tokens)
+        params = self.sampling(self.logprobs is not None, self.logprobs or 0, self.max_tokens,
+                               output_grammar(self.response_format, self.grammar))
+        params.prompt_logprobs = self.logprobs if self.echo else None  # echo with logprobs scores the prompt
+        return params
 
 
 class ModelIdRequest(_Request):
@@ -153,11 +243,18 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # prompt only: BOS where the model's raw prompts take one
+    # messages only: the chat template's switches, and the tools it renders
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[Tool] | None = None
+    return_token_strs: bool = False  # also each token's string (vLLM's field)
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.add_generation_prompt and self.continue_final_message and self.messages is not None:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each other; set one to false")
         return self
 
 
@@ -200,7 +297,7 @@ def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any
     return {
         "tokens": [t.token for t in items],
         "token_logprobs": [t.logprob for t in items],
-        "top_logprobs": [{text: lp for _, text, lp in t.top} for t in items],
+        "top_logprobs": [None if t.logprob is None else {text: lp for _, text, lp in t.top} for t in items],
         "text_offset": offsets,
     }
 

@@ -59,6 +59,7 @@ class Usage(_Open):
 class AssistantMessage(_Open):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[dict[str, Any]] | None = None  # {"id", "type": "function", "function": {"name", "arguments"}}
 
 
 class ChatChoice(_Open):
@@ -102,6 +103,7 @@ class TokenizeResponse(_Open):
     tokens: list[int]
     count: int
     max_model_len: int
+    token_strs: list[str] | None = None  # with return_token_strs
 
 
 class DetokenizeResponse(_Open):

@@ -111,7 +111,8 @@ def check_mesh_decode_local(engine: Engine) -> None:
     key = next(key for key in engine._steps.traces if key.startswith("decode/"))
     rows, kv_len = map(int, key.split("/")[1:])
     active = jnp.ones((CONFIG.max_batch,), bool)
-    hlo = engine._steps.decode.lower(engine._params, engine._state, active, kv_len=kv_len, rows=rows).compile().as_text()
+    lowered = engine._steps.decode.lower(engine._params, engine._state, active, engine._all_allowed, kv_len=kv_len, rows=rows)
+    hlo = lowered.compile().as_text()
     assert "mrs_qmatmul" not in hlo and "mrs_decode_attention" not in hlo
     gathered = re.findall(r"= (\w+)\[[^\]]*\][^ ]* all-gather\(", hlo)
     assert not {"s8", "u8"} & set(gathered), gathered

@@ -225,7 +225,8 @@ def test_no_recompile_after_warmup(engine) -> None:
     before = dict(engine._steps.traces)
     for n in (4, 15, 16, 17, 63, 64, 65, 127):  # new lengths in every known bucket, and chunked
         run(engine, prompt(n, seed=n), temperature=0.7, top_k=3, seed=n, max_tokens=1 if n == 127 else 3,
-            presence_penalty=0.5, logit_bias={5: 2.0}, logprobs=True, top_logprobs=2)
+            presence_penalty=0.5, logit_bias={5: 2.0}, logprobs=True, top_logprobs=2,
+            prompt_logprobs=1 if n in (17, 65) else None)  # the scoring prefill is warmed up too
     assert dict(engine._steps.traces) == before
     stats = engine.stats()
     assert stats["tokens_generated"] > 0
@@ -237,6 +238,21 @@ def test_memory_measured_from_device_arrays(engine, tiny) -> None:
     # one (k, v) pair per layer, every slot holding the whole context, float32
     kv = config.num_layers * 2 * CONFIG.max_batch * engine.context_limit * config.num_kv_heads * config.head_dim * 4
     assert stats["kv_cache_bytes"] == kv
+
+
+def test_prompt_logprobs_equal_hf_transformers(engine, tiny) -> None:
+    """Echo with logprobs: every prompt token scored given the ones before it, across chunks."""
+    ids = prompt(100, seed=21)  # two chunks of the largest prefill bucket (64)
+    with torch.no_grad():
+        reference = torch.log_softmax(tiny[1](torch.tensor([ids])).logits[0].float(), -1).numpy()
+    _, deltas, _ = run(engine, ids, temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    scored = deltas[0].prompt_logprobs
+    assert [t.token_id for t in scored] == ids and scored[0].logprob is None and scored[0].top == []
+    expected = reference[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose([t.logprob for t in scored[1:]], expected, atol=2e-4)
+    for position, item in enumerate(scored[1:]):
+        assert [t for t, _, _ in item.top] == np.argsort(-reference[position])[:3].tolist()
+    assert all(d.prompt_logprobs is None for d in deltas[1:])
 
 
 def test_a_failing_detokenizer_ends_only_its_request(engine, monkeypatch) -> None:

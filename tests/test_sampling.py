@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrs.engine.sampling import SlotSampling, empty_rows, host_row, sample
+from mrs.engine.sampling import SlotSampling, all_allowed, empty_rows, host_row, mask_words, sample
 
 V = 12
 N = 4096  # draws per distribution; every test uses batch N or 8 so only two shapes compile
@@ -141,3 +141,25 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
     order = np.argsort(-ref, axis=-1)
     np.testing.assert_array_equal(np.asarray(out.top_ids), order)
     np.testing.assert_allclose(np.asarray(out.top_logprobs), np.take_along_axis(ref, order, -1), atol=1e-5)
+
+
+def test_token_bitmask_renormalizes_over_allowed_tokens() -> None:
+    """A grammar's mask: excluded tokens are never drawn (greedy or not), the rest keep their
+    relative odds, logprobs stay the raw model's, and an all-ones row changes nothing."""
+    allowed = np.array([2, 5, 7, 11])  # not the most likely token (0)
+    row = np.zeros(mask_words(V), np.int32)
+    for t in allowed:
+        row[t // 32] |= np.int32(1 << (t % 32))
+    masked = jax.jit(lambda logits, sp, counts, seen, step, mask: sample(logits, sp, counts, seen, step, mask))
+    batch_logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (N, V))
+    zeros = jnp.zeros((N, V), jnp.int32), jnp.zeros((N, V), bool), jnp.arange(N, dtype=jnp.int32)
+    out = masked(batch_logits, rows(N), *zeros, np.broadcast_to(row, (N, row.size)))
+    probs = np.zeros(V)
+    probs[allowed] = softmax(LOGITS[allowed])
+    chi_square_ok(np.asarray(out.tokens), probs)
+    np.testing.assert_allclose(np.asarray(out.logprob), np.log(softmax(LOGITS))[np.asarray(out.tokens)], rtol=1e-5)
+    greedy = masked(batch_logits, rows(N, temperature=0.0), *zeros, np.broadcast_to(row, (N, row.size)))
+    assert set(np.asarray(greedy.tokens).tolist()) == {2}
+    everything = masked(batch_logits, rows(N), *zeros, all_allowed(N, V))
+    unmasked = sample_jit(batch_logits, rows(N), *zeros)
+    np.testing.assert_array_equal(np.asarray(everything.tokens), np.asarray(unmasked.tokens))

@@ -1,6 +1,6 @@
 """Continuous batching under load: SmolLM2-135M at 1, 8 and 32 concurrent requests.
 
-    python tools/bench_engine.py [--tokens 128] [--concurrency 1 8 32] [--packed]
+    python tools/bench_engine.py [--tokens 128] [--concurrency 1 8 32] [--packed] [--constrained 1 16]
 
 Each request generates ``--tokens`` new tokens (greedy, EOS ignored) from its own
 prompt; all requests of a level are submitted at once. Prints one table: aggregate
@@ -10,6 +10,11 @@ llama-cpp-python is importable, llama.cpp's figures on the same GGUF follow in t
 same table: batch-1 decode through its Python API, and aggregate throughput through
 its OpenAI-compatible server (``python -m llama_cpp.server``, 2 threads) at the same
 concurrency levels, with the same prompts and token counts (end tokens banned).
+
+``--constrained K ...`` adds rows of 16 concurrent requests of which K decode under a
+grammar (JSON lines of objects, ``CONSTRAINED``: it never completes, so every request
+makes all its tokens), with their aggregate against the unconstrained 16 of the same
+run and the host time the grammar engine took per constrained token.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import socket
 import statistics
 import subprocess
@@ -28,7 +34,8 @@ import numpy as np
 
 from mrs.config.schema import GGUF, EngineConfig, ModelEntry, ModelSource
 from mrs.engine.engine import Engine
-from mrs.engine.types import GenerationRequest, SamplingParams, TokenDelta
+from mrs.engine.grammar import JSON_OPTIONS
+from mrs.engine.types import GenerationRequest, Grammar, SamplingParams, TokenDelta
 from mrs.fetch import DEMO_MODELS, fetch, models_dir
 from mrs.loading.load import load_checkpoint
 
@@ -43,6 +50,15 @@ TOPICS = [
     "the tallest tree in the forest", "a museum at midnight", "a tiny island", "a stubborn goat",
     "the king's cook", "a windmill", "a secret staircase", "the lantern festival",
 ]
+
+
+# JSON lines of small records: a realistic extraction grammar that never completes, so a
+# constrained request makes as many tokens as an unconstrained one.
+RECORD = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+CONSTRAINED = Grammar("lark", f'start: (record "\\n")+\nrecord: %json {json.dumps({**RECORD, "x-guidance": JSON_OPTIONS})}')
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -64,11 +80,17 @@ def level_row(results: list[tuple[float, int]], wall: float) -> dict:
             "ttft95": percentile(ttfts, 95), "occupancy": float("nan")}
 
 
-async def run_level(engine: Engine, prompts: list[list[int]], tokens: int) -> dict:
+async def run_level(engine: Engine, prompts: list[list[int]], tokens: int, constrained: int = 0) -> dict:
+    """All ``prompts`` at once; the first ``constrained`` of them under ``CONSTRAINED``."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    # The grammar allows EOS after each record (ignore_eos would end a constrained request there): ban it.
+    no_end = {t: -100.0 for t in engine.checkpoint.eos_token_ids}
+    grammared = SamplingParams(temperature=0.0, max_tokens=tokens, logit_bias=no_end, grammar=CONSTRAINED)
     occupancy: list[int] = []
+    host_before = engine.stats()["grammar_host_s"]
     begin = time.perf_counter()
-    streams = [engine.submit(GenerationRequest(ids, params)) for ids in prompts]
+    streams = [engine.submit(GenerationRequest(ids, grammared if i < constrained else params))
+               for i, ids in enumerate(prompts)]
 
     async def token_counts(stream) -> AsyncIterator[int]:
         async for event in stream:
@@ -87,6 +109,8 @@ async def run_level(engine: Engine, prompts: list[list[int]], tokens: int) -> di
     done.set()
     await sampler
     row["occupancy"] = statistics.mean(occupancy) / engine.max_batch if occupancy else float("nan")
+    constrained_tokens = sum(r[1] for r in results[:constrained])
+    row["grammar_us"] = 1e6 * (engine.stats()["grammar_host_s"] - host_before) / max(constrained_tokens, 1)
     return row
 
 
@@ -175,7 +199,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--packed", action="store_true", help="keep GGUF tensors packed instead of float32")
+    parser.add_argument("--constrained", type=int, nargs="*", default=[],
+                        help="rows of 16 requests of which K are constrained by a grammar")
     args = parser.parse_args()
+    if args.constrained:
+        args.concurrency = sorted({*args.concurrency, 16})
     for model in DEMO_MODELS:
         fetch(model, models_dir())
     entry = ModelEntry(
@@ -192,6 +220,7 @@ def main() -> None:
     print(f"warm-up {engine.stats()['warmup_s']:.1f}s, {max_batch} slots, "
           f"weights {'packed GGUF' if args.packed else 'float32'}")
     rows = {c: asyncio.run(run_level(engine, prompts[:c], args.tokens)) for c in args.concurrency}
+    grammar_rows = {k: asyncio.run(run_level(engine, prompts[:16], args.tokens, k)) for k in args.constrained}
     engine.shutdown()
     end_ids = sorted(set(checkpoint.eos_token_ids) | {0})
     base = rows[min(rows)]["agg"]
@@ -200,6 +229,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for c, r in rows.items():
         print_row("mrs (engine API)", c, r, base)
+    if grammar_rows:
+        free = rows[16]["agg"]
+        print("\n| constrained of 16 | aggregate tok/s | vs unconstrained 16 | TTFT p50 s | grammar host us/token |")
+        print("|---:|---:|---:|---:|---:|")
+        for k, r in grammar_rows.items():
+            print(f"| {k} | {r['agg']:.1f} | {r['agg'] / free:.0%} | {r['ttft50']:.2f} | {r['grammar_us']:.0f} |")
     if not llama_cpp_available():
         print("(llama-cpp-python not installed: no llama.cpp rows)")
         return

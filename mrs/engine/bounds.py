@@ -61,6 +61,7 @@ SAMPLING = {
     "repetition_penalty": Bound(0.0, 100.0, lo_open=True),  # far past 100 a float32 factor overflows
     "logit_bias": Bound(-100.0, 100.0),  # each bias value
     "top_logprobs": Bound(0, MAX_TOP_LOGPROBS),
+    "prompt_logprobs": Bound(0, MAX_TOP_LOGPROBS),  # echo with logprobs: alternatives per prompt token
     "n": Bound(1),  # the upper end is the engine's max_batch (or the server's max_n)
     "max_tokens": Bound(1),
     "seed": Bound(SEED_MIN, SEED_MAX),

@@ -6,6 +6,17 @@ dispatch the decode step for all slots (async); only then copy the *previous*
 step's tokens to the host and turn them into events, so the host work overlaps the
 device step. A slot's token from a step dispatched after its request finished is
 dropped (each step remembers which sequence owned each slot).
+
+Constrained slots (a grammar, ``mrs.engine.grammar``) break that overlap for
+themselves only: a slot's next token bitmask depends on the token it just sampled,
+so a constrained slot is never dispatched while a step holding its previous token is
+in flight (``_dispatch`` checks it). When the previous step had a constrained slot,
+the loop waits for that step, consumes the constrained slots' tokens and fills their
+masks, dispatches the next step, and only then does the unconstrained slots' host
+work (detokenizing, events) while the device runs. So the critical path grows by the
+device-to-host sync plus each constrained slot's consume + mask (tens of microseconds
+per slot, see README), and an unconstrained request in the batch is not held back
+beyond that; with no constrained slot the loop is unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +35,9 @@ import numpy as np
 from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
+from mrs.engine.grammar import Constraint, GrammarEngine
 from mrs.engine.placed import build_steps
-from mrs.engine.sampling import SampleOut, host_row
+from mrs.engine.sampling import SampleOut, all_allowed, host_row
 from mrs.engine.steps import batch_buckets, bucket_for, kv_buckets
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
@@ -56,6 +68,8 @@ class _Seq:
     index: int
     max_tokens: int
     detok: IncrementalDetokenizer
+    constraint: Constraint | None = None  # the request's grammar, this choice's state
+    prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill; sent with the first token
     slot: int | None = None
     generated: int = 0  # tokens seen on the host
     dispatched: int = 0  # decode steps dispatched after the prefill
@@ -65,12 +79,18 @@ class _Seq:
     def prompt_len(self) -> int:
         return len(self.req.request.prompt_ids)
 
+    @property
+    def in_flight(self) -> bool:
+        """A sampled token the host has not seen yet (the prefill's, or a dispatched step's)."""
+        return self.generated < 1 + self.dispatched
+
 
 @dataclass
 class _Step:
     out: SampleOut
     owners: list[_Seq | None]
     started: float
+    constrained: bool  # some owner has a grammar: the next step needs this one's tokens first
 
 
 class Engine:
@@ -91,6 +111,11 @@ class Engine:
         # Measured once: the parameters never change, and walking their ~500 device
         # buffers took ~6 ms per stats() call (the status endpoint, load-test pollers).
         self._param_bytes = param_bytes(self._params)
+        self._grammars = GrammarEngine(self.tokenizer, model_config.vocab_size, checkpoint.eos_token_ids)
+        self._all_allowed = all_allowed(self.max_batch, model_config.vocab_size)
+        # On the device once: a batch without a constraint sends no mask per step.
+        self._unconstrained = jax.device_put(self._all_allowed)
+        self._grammar_seconds = 0.0  # host time in consuming tokens and filling masks
         self._state: Any = None
         self._slots: list[_Seq | None] = [None] * self.max_batch
         self._lock = threading.Lock()
@@ -162,10 +187,11 @@ class Engine:
         if not sp.ignore_eos:
             stop_ids.update(self.checkpoint.eos_token_ids)
         seed = sp.seed if sp.seed is not None else secrets.randbits(32)
+        constraints = self._grammars.constraints(sp.grammar, sp.n) if sp.grammar else [None] * sp.n
         req = _Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed)
         req.seqs = [
-            _Seq(req, i, max_tokens, IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sp.stop))
-            for i in range(sp.n)
+            _Seq(req, i, max_tokens, IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sp.stop), constraint)
+            for i, constraint in enumerate(constraints)
         ]
         with self._lock:
             if self._stopping or self._fatal is not None:
@@ -200,6 +226,7 @@ class Engine:
             "step_time_ms": 1000 * self._step_seconds,
             "warmup_s": self._warmup_seconds,
             "compiles": sum(self._steps.traces.values()),
+            "grammar_host_s": self._grammar_seconds,
             "param_bytes": self._param_bytes,
             "kv_cache_bytes": self._kv_cache_bytes,
             "context_limit": self.context_limit,
@@ -240,9 +267,13 @@ class Engine:
             try:
                 self._apply_cancels()
                 admitted = self._admit()
+                host = None
+                if pending is not None and pending.constrained:  # see the module docstring
+                    host = self._fetch(pending)
+                    self._emit_rows(pending, host, constrained=True)
                 step = self._dispatch()
                 if pending is not None:
-                    self._collect(pending)
+                    self._emit_rows(pending, self._fetch(pending) if host is None else host, constrained=False)
                 for seq, out in admitted:
                     self._emit_first(seq, out)
                 pending = step
@@ -270,18 +301,19 @@ class Engine:
             presence=0.0, frequency=0.0, repetition=1.0, seed=0, choice=0, top_logprobs=1, logit_bias={},
         )
         self._state = self._steps.insert(self._state, np.int32(0), row)
-        for length in self._prefill_buckets:
-            self._prefill_chunk(0, [0], 0, length, final=True)
-        for kv_len in sorted({self._chunk_kv_len(start) for start in self._continuations()}):
-            self._state, _ = self._steps.prefill(
-                self._params, self._state, np.int32(0), np.zeros(self._prefill_buckets[-1], np.int32),
-                np.int32(self._prefill_buckets[-1]), np.int32(1), np.bool_(True), kv_len=kv_len,
-            )
+        mask = self._all_allowed[0]
+        starts = {self._chunk_kv_len(start): start for start in self._continuations()}  # one per attention length
+        for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
+            for length in self._prefill_buckets:
+                self._prefill_chunk(0, [0], 0, length, True, mask, targets)
+            for start in starts.values():
+                self._prefill_chunk(0, [0], start, self._prefill_buckets[-1], True, mask, targets)
         active = np.zeros(self.max_batch, bool)
         active[0] = True
         for kv_len in self._kv_buckets:
             for rows in self._batch_buckets:
-                self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len, rows=rows)
+                self._state, out = self._steps.decode(self._params, self._state, active, self._unconstrained,
+                                                      kv_len=kv_len, rows=rows)
         jax.block_until_ready(out)
         self._state = self._steps.init_state()
         self._warmup_seconds = time.perf_counter() - begin
@@ -293,15 +325,30 @@ class Engine:
     def _chunk_kv_len(self, start: int) -> int:
         return bucket_for(start + self._prefill_buckets[-1], self._kv_buckets)
 
-    def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool) -> SampleOut:
+    def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool,
+                       mask: np.ndarray, targets: list[int] | None = None) -> SampleOut:
+        """One prompt chunk; with ``targets`` (each position's next prompt token) it is scored too."""
         tokens = np.zeros(length, np.int32)
         tokens[: len(chunk)] = chunk
         kv_len = length if start == 0 else self._chunk_kv_len(start)
+        scored = {} if targets is None else {"targets": np.pad(np.asarray(targets, np.int32), (0, length - len(targets))),
+                                             "score": True}
         self._state, out = self._steps.prefill(
             self._params, self._state, np.int32(slot), tokens, np.int32(start),
-            np.int32(len(chunk)), np.bool_(final), kv_len=kv_len,
+            np.int32(len(chunk)), np.bool_(final), mask, kv_len=kv_len, **scored,
         )
         return out
+
+    def _masks(self, seqs: list[tuple[int, _Seq]], rows: int) -> np.ndarray:
+        """The token bitmask for ``rows`` slots: each constrained ``(row, seq)``'s grammar, all ones elsewhere.
+
+        A fresh array per step: the device may read a numpy argument in place (zero-copy
+        on CPU) while the host prepares the next step.
+        """
+        mask = self._all_allowed[:rows].copy()
+        for row, seq in seqs:
+            mask[row] = seq.constraint.mask[0]
+        return mask
 
     def _prefill(self, seq: _Seq, slot: int) -> SampleOut:
         """Insert ``seq``'s sampling row into ``slot`` and prefill its prompt (chunked)."""
@@ -315,13 +362,33 @@ class Engine:
             top_logprobs=sp.top_logprobs if sp.logprobs else 0, logit_bias=sp.logit_bias,
         )
         self._state = self._steps.insert(self._state, np.int32(slot), row)
+        mask = self._masks([(0, seq)] if seq.constraint else [], 1)[0]
         ids, chunk_size = request.prompt_ids, self._prefill_buckets[-1]
+        scoring = sp.prompt_logprobs is not None
+        scores: list[SampleOut] = []
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start : start + chunk_size]
             final = start + chunk_size >= len(ids)
             length = bucket_for(len(chunk), self._prefill_buckets) if start == 0 else chunk_size
-            out = self._prefill_chunk(slot, chunk, start, length, final)
+            targets = ids[start + 1 : start + len(chunk) + 1] if scoring else None
+            out = self._prefill_chunk(slot, chunk, start, length, final, mask, targets)
+            if scoring:
+                scores.append(jax.device_get(out.prompt))
+        if scoring:
+            seq.prompt_logprobs = self._prompt_logprobs(ids, scores, sp.prompt_logprobs)
         return out
+
+    def _prompt_logprobs(self, ids: list[int], chunks: list[Any], top: int) -> list[TokenLogprob]:
+        """Every prompt token's logprob given the ones before it; the first has none (``None``)."""
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        items = [TokenLogprob(ids[0], decode(ids[0]), None)]
+        chunk_size = self._prefill_buckets[-1]
+        for position, token in enumerate(ids[1:]):  # token ids[position + 1], predicted at `position`
+            scores, at = chunks[position // chunk_size], position % chunk_size
+            alternatives = [(int(t), decode(int(t)), float(lp))
+                            for t, lp in zip(scores.top_ids[at][:top], scores.top_logprobs[at][:top])]
+            items.append(TokenLogprob(token, decode(token), float(scores.logprob[at]), alternatives))
+        return items
 
     def _admit(self) -> list[tuple[_Seq, SampleOut]]:
         admitted = []
@@ -343,17 +410,25 @@ class Engine:
                 continue
             seq.slot = free
             self._slots[free] = seq
-            admitted.append((seq, out))
+            if seq.constraint is not None:  # its first decode step's mask needs this token
+                self._emit_first(seq, out)
+            else:
+                admitted.append((seq, out))
         return admitted
 
     def _dispatch(self) -> _Step | None:
         """Launch one decode step for every slot that may still produce a token."""
         active = np.zeros(self.max_batch, bool)
         owners: list[_Seq | None] = [None] * self.max_batch
+        constrained: list[tuple[int, _Seq]] = []
         longest = last = 0
         for i, seq in enumerate(self._slots):
             if seq is None or seq.done or 1 + seq.dispatched >= seq.max_tokens:
                 continue
+            if seq.constraint is not None:
+                if seq.in_flight:  # its mask would be stale: wait for its token
+                    continue
+                constrained.append((i, seq))
             active[i], owners[i], last = True, seq, i
             longest = max(longest, seq.prompt_len + seq.dispatched + 1)
             seq.dispatched += 1
@@ -362,15 +437,20 @@ class Engine:
         started = time.perf_counter()
         kv_len = bucket_for(longest, self._kv_buckets)
         rows = bucket_for(last + 1, self._batch_buckets)  # slots fill lowest first
-        self._state, out = self._steps.decode(self._params, self._state, active, kv_len=kv_len, rows=rows)
-        return _Step(out, owners, started)
+        mask = self._masks(constrained, self.max_batch) if constrained else self._unconstrained
+        self._state, out = self._steps.decode(self._params, self._state, active, mask, kv_len=kv_len, rows=rows)
+        return _Step(out, owners, started, bool(constrained))
 
-    def _collect(self, step: _Step) -> None:
+    def _fetch(self, step: _Step) -> SampleOut:
         host = jax.device_get(step.out)  # the one device-to-host copy of this step
         self._steps_run += 1
         self._step_seconds = time.perf_counter() - step.started
+        return host
+
+    def _emit_rows(self, step: _Step, host: SampleOut, *, constrained: bool) -> None:
+        """Emit the step's tokens of its constrained (or its unconstrained) owners."""
         for i, seq in enumerate(step.owners):
-            if seq is not None and not seq.done:
+            if seq is not None and not seq.done and (seq.constraint is not None) == constrained:
                 self._emit_isolated(seq, host, i)
 
     def _emit_first(self, seq: _Seq, out: SampleOut) -> None:
@@ -397,13 +477,26 @@ class Engine:
             text, reason = seq.detok.flush(), "stop"
         else:
             text = seq.detok.add(token)
+            complete = self._advance(seq, token)
             if seq.detok.stopped:
                 reason = "stop"
-            elif seq.generated >= seq.max_tokens:
-                text, reason = text + seq.detok.flush(), "length"
-        seq.req.stream.push(TokenDelta(seq.index, text, [token], logprobs))
+            elif complete or seq.generated >= seq.max_tokens:  # a complete grammar ends the text
+                text, reason = text + seq.detok.flush(), "stop" if complete else "length"
+        prompt, seq.prompt_logprobs = seq.prompt_logprobs, None
+        seq.req.stream.push(TokenDelta(seq.index, text, [token], logprobs, prompt))
         if reason is not None:
             self._finish(seq, reason)
+
+    def _advance(self, seq: _Seq, token: int) -> bool:
+        """Consume ``token`` into ``seq``'s grammar (and fill its next mask); whether it is now
+        complete. A grammar at a dead end raises, and ``_emit_isolated`` fails only this request."""
+        if seq.constraint is None:
+            return False
+        begin = time.perf_counter()
+        try:
+            return seq.constraint.advance(token)
+        finally:
+            self._grammar_seconds += time.perf_counter() - begin
 
     def _logprob(self, token: int, host: SampleOut, row: int, top: int) -> TokenLogprob:
         decode = lambda t: self.tokenizer.decode([t])  # noqa: E731

@@ -130,21 +130,22 @@ class StagedSteps:
         return self._joined(self._last.insert(state._replace(cache=caches[-1]), slot, row), caches)
 
     def prefill(self, params: list[dict], state: DecodeState, slot: Array, tokens: Array, start: Array,
-                n_real: Array, final: Array, *, kv_len: int) -> tuple[DecodeState, SampleOut]:
+                n_real: Array, final: Array, mask: Array, targets: Array | None = None, *, kv_len: int,
+                score: bool = False) -> tuple[DecodeState, SampleOut]:
         caches = self._split(state.cache)
         inputs = self._run_leads(params, caches, tokens[None], lambda stage, p, cache, x: stage.prefill(
             p, cache, slot, x, start, n_real, kv_len=kv_len))
         state, out = self._last.prefill(params[-1], state._replace(cache=caches[-1]), slot, tokens, start, n_real,
-                                        final, inputs, kv_len=kv_len)
+                                        final, mask, inputs, targets, kv_len=kv_len, score=score)
         return self._joined(state, caches), out
 
-    def decode(self, params: list[dict], state: DecodeState, active: Array, *, kv_len: int,
+    def decode(self, params: list[dict], state: DecodeState, active: Array, mask: Array, *, kv_len: int,
                rows: int) -> tuple[DecodeState, SampleOut]:
         caches = self._split(state.cache)
         tokens, positions = self._inputs(state.tokens, state.positions, active, rows=rows)
         inputs = self._run_leads(params, caches, tokens, lambda stage, p, cache, x: stage.decode(
             p, cache, x, jax.device_put(positions, stage.device), kv_len=kv_len))
-        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), active, inputs,
+        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), active, mask, inputs,
                                        kv_len=kv_len, rows=rows)
         return self._joined(state, caches), out
 

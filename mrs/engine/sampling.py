@@ -3,7 +3,8 @@
 All per-request parameters are arrays (one row per slot), so a new request never
 compiles. Order of operations, per slot:
   raw logits -> repetition penalty (prompt and output tokens) -> presence and
-  frequency penalties (output tokens) -> logit_bias -> greedy if temperature == 0,
+  frequency penalties (output tokens) -> logit_bias -> the grammar's token mask
+  (a bitmask row per slot, all ones when unconstrained) -> greedy if temperature == 0,
   else / temperature -> top_k -> top_p and min_p (on the top_k-renormalized
   distribution) -> Gumbel-max draw.
 Logprobs are the log-softmax of the raw model logits (what vLLM reports by default).
@@ -42,11 +43,20 @@ class SlotSampling(NamedTuple):
     logit_bias: Array  # float32 [B, V]
 
 
+class PromptScores(NamedTuple):
+    """A prompt chunk scored by the model: at each position, the next prompt token's log-probability."""
+
+    logprob: Array  # float32 [L]: log-probability of targets[t] after the tokens up to t
+    top_ids: Array  # int32 [L, min(MAX_TOP_LOGPROBS, V)]
+    top_logprobs: Array  # float32 [L, min(MAX_TOP_LOGPROBS, V)]
+
+
 class SampleOut(NamedTuple):
     tokens: Array  # int32 [B]
     logprob: Array  # float32 [B]: raw log-probability of the chosen token
     top_ids: Array  # int32 [B, min(MAX_TOP_LOGPROBS, V)]
     top_logprobs: Array  # float32 [B, min(MAX_TOP_LOGPROBS, V)]
+    prompt: PromptScores | None = None  # a scoring prefill's (prompt logprobs)
 
 
 def host_row(
@@ -94,6 +104,23 @@ def penalized_logits(logits: Array, sp: SlotSampling, counts: Array, seen: Array
     return logits + sp.logit_bias
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words per slot in a token bitmask (llguidance's layout: bit ``t % 32`` of word ``t // 32``)."""
+    return (vocab_size + 31) // 32
+
+
+def all_allowed(batch: int, vocab_size: int) -> np.ndarray:
+    """The bitmask of ``batch`` unconstrained slots: every bit set."""
+    return np.full((batch, mask_words(vocab_size)), -1, np.int32)
+
+
+def apply_mask(logits: Array, mask: Array) -> Array:
+    """``logits [B, V]`` with the tokens whose bit is clear in ``mask [B, ceil(V/32)]`` at -inf."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(mask.shape[0], -1)[:, : logits.shape[-1]] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def keep_threshold(scaled: Array, sp: SlotSampling) -> Array:
     """Per slot, the smallest (temperature-scaled) logit that top_k/top_p/min_p keep.
 
@@ -134,9 +161,21 @@ def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
     return jnp.where(sp.temperature > 0, sampled, jnp.argmax(logits, axis=-1))
 
 
-def sample(logits: Array, sp: SlotSampling, counts: Array, seen: Array, step: Array) -> SampleOut:
-    """Sample one token per slot from float32 ``logits [B, V]``."""
+def score_tokens(logits: Array, targets: Array) -> PromptScores:
+    """Raw log-probabilities of ``targets [L]`` under ``logits [L, V]``, with the top alternatives."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
+    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    return PromptScores(chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def sample(
+    logits: Array, sp: SlotSampling, counts: Array, seen: Array, step: Array, mask: Array | None = None
+) -> SampleOut:
+    """Sample one token per slot from float32 ``logits [B, V]``, only among ``mask``'s allowed tokens."""
     processed = penalized_logits(logits, sp, counts, seen)
+    if mask is not None:
+        processed = apply_mask(processed, mask)
     tokens = jax.lax.cond(
         jnp.any(sp.temperature > 0),
         lambda: _draw(processed, sp, step),

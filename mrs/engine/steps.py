@@ -3,7 +3,9 @@ chunk of its prompt into its slot, and decode one token for every slot at once.
 
 The whole decode state lives on device and is donated to every step, so the KV
 cache is updated in place. Shapes are fixed by (max_batch, max_seq_len) and the
-static bucket arguments; everything per request is an array.
+static bucket arguments; everything per request is an array, the grammar engine's
+token bitmask included (``mask``: int32 ``[max_batch, ceil(V/32)]`` for decode, one
+row for prefill; all ones for a slot without a constraint).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample
+from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample, score_tokens
 from mrs.models.config import ModelConfig
 from mrs.models.layers import PAD_POSITION, KVCache, Stage, init_cache
 from mrs.models.registry import build_model
@@ -103,7 +105,7 @@ class Steps:
         # Incremented while tracing: a compile counter for tests and stats.
         self.traces: Counter[str] = Counter()
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
-        self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("kv_len",))
+        self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("kv_len", "score"))
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("kv_len", "rows"))
 
     def init_state(self) -> DecodeState:
@@ -141,25 +143,35 @@ class Steps:
         start: Array,
         n_real: Array,
         final: Array,
+        mask: Array,
         inputs: Array | None = None,
+        targets: Array | None = None,
         *,
         kv_len: int,
+        score: bool = False,
     ) -> tuple[DecodeState, SampleOut]:
         """Run prompt chunk ``tokens [L]`` (first ``n_real`` real) at ``start`` in ``slot``.
 
-        On the final chunk, samples the first output token and arms the slot for decode.
+        On the final chunk, samples the first output token (among ``mask [W]``'s) and arms
+        the slot for decode. With ``score`` (a variant compiled beside the plain one), the
+        output also scores the chunk: ``targets [L]``, each position's next prompt token.
         """
-        self.traces[f"prefill/{tokens.shape[0]}/{kv_len}"] += 1
+        self.traces[f"prefill/{tokens.shape[0]}/{kv_len}" + ("/scored" if score else "")] += 1
         positions, real = chunk_positions(tokens.shape[0], start, n_real)
         cache = slot_row(state.cache, slot)
         logits, cache = self.model.apply(
             {"params": params}, tokens[None] if inputs is None else inputs, positions, cache,
-            logits_at=(n_real - 1)[None], kv_len=kv_len,
+            logits_at=None if score else (n_real - 1)[None], kv_len=kv_len,
         )
+        if score:  # every position's logits [1, L, V]; sampling takes the last real one's
+            scores = score_tokens(logits[0], targets)
+            logits = jax.lax.dynamic_index_in_dim(logits, n_real - 1, axis=1, keepdims=False)
         vocab = self.config.vocab_size
         seen = state.seen.at[slot, jnp.where(real, tokens, vocab)].set(True, mode="drop")
         row = lambda x: slot_row(x, slot)  # noqa: E731
-        out = sample(logits, row(state.sampling), row(state.counts), row(seen), row(state.step))
+        out = sample(logits, row(state.sampling), row(state.counts), row(seen), row(state.step), mask[None])
+        if score:
+            out = out._replace(prompt=scores)
         token = out.tokens[0]
         state = state._replace(
             cache=set_row(state.cache, slot, cache),
@@ -172,11 +184,12 @@ class Steps:
         return state, out
 
     def _decode(
-        self, params: Any, state: DecodeState, active: Array, inputs: Array | None = None, *, kv_len: int, rows: int
+        self, params: Any, state: DecodeState, active: Array, mask: Array, inputs: Array | None = None, *,
+        kv_len: int, rows: int,
     ) -> tuple[DecodeState, SampleOut]:
         """One token for every ``active`` slot among the first ``rows`` (static: a batch
-        bucket, so a lightly loaded engine does not pay for all its slots); idle slots
-        read and write nothing."""
+        bucket, so a lightly loaded engine does not pay for all its slots), each among its
+        ``mask`` row's allowed tokens; idle slots read and write nothing."""
         self.traces[f"decode/{rows}/{kv_len}"] += 1
         head = lambda x: x[:rows]  # noqa: E731
         last_tokens, positions = decode_inputs(state.tokens, state.positions, active, rows)
@@ -186,7 +199,7 @@ class Steps:
             logits_at=jnp.zeros((rows,), jnp.int32), kv_len=kv_len,
         )
         sampling = jax.tree.map(head, state.sampling)
-        out = sample(logits, sampling, head(state.counts), head(state.seen), head(state.step))
+        out = sample(logits, sampling, head(state.counts), head(state.seen), head(state.step), head(mask))
         tokens = jnp.where(active, out.tokens, head(state.tokens))
         grow = active.astype(jnp.int32)
         slots = jnp.arange(rows)

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 _ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on the output, enforced token by token (llguidance).
+
+    ``kind``: ``json_schema`` (``value`` a schema, as a dict or JSON text), ``regex``, or
+    ``lark`` (llguidance's Lark dialect, which embeds schemas with ``%json``). ``param``
+    is the request field it came from, named in errors; ``lenient`` ignores schema
+    keywords the compiler does not implement (OpenAI's ``strict: false``).
+    """
+
+    kind: Literal["json_schema", "regex", "lark"]
+    value: Any
+    param: str = "grammar"
+    lenient: bool = False
 
 
 @dataclass
@@ -32,6 +49,8 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
+    grammar: Grammar | None = None  # constrained decoding; ends the sequence when complete
+    prompt_logprobs: int | None = None  # score the prompt tokens too, with this many alternatives (0..20)
 
 
 @dataclass
@@ -45,7 +64,7 @@ class GenerationRequest:
 class TokenLogprob:
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None for a prompt's first token (nothing predicts it)
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
 
 
@@ -67,6 +86,7 @@ class TokenDelta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token, if the request asked for them
 
 
 @dataclass

@@ -43,6 +43,8 @@ def validate_request(
         _bounded("seed", sp.seed, integer=True)
     _bounded("n", sp.n, integer=True)
     _check(sp.n <= max_batch, "n", f"must be in [1, {max_batch}] (the engine's max_batch)")
+    if sp.prompt_logprobs is not None:
+        _bounded("prompt_logprobs", sp.prompt_logprobs, integer=True)
     _check(all(isinstance(s, str) and s for s in sp.stop), "stop", "stop strings must be non-empty strings")
     _check(
         all(isinstance(t, int) and 0 <= t < vocab_size for t in sp.stop_token_ids),

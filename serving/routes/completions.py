@@ -10,6 +10,7 @@ from quart import Blueprint, Response
 from quart_schema import validate_request
 
 from mrs.engine.types import GenerationRequest
+from mrs.tools import calls_enabled
 from serving import completions, protocol, responses, sse
 from serving.errors import to_reply
 from serving.responses import documented
@@ -53,11 +54,13 @@ async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
     lease = await acquire(model_id, data.keep_alive)
     try:
         served = lease.served
-        ids = await asyncio.to_thread(served.encode_chat, data.template_messages())
-        sampling = data.to_sampling()
+        sampling, (tools, choice) = data.to_sampling(), data.tool_setup()
+        calls = calls_enabled(tools, choice)
+        ids = await asyncio.to_thread(served.encode_chat, data.template_messages(), tools if calls else None)
         limits.apply(sampling, len(ids), "messages")
-        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("chatcmpl")),
-                              chat=True, include_usage=data.include_usage, timeout_s=limits.timeout_s)
+        job_id = protocol.new_id("chatcmpl")
+        job = completions.Job(served, model_id, job_id, [GenerationRequest(ids, sampling, job_id)], chat=True,
+                              include_usage=data.include_usage, tool_calls=calls, timeout_s=limits.timeout_s)
     except BaseException:
         lease.release()
         raise
@@ -72,18 +75,19 @@ async def text_completions(data: protocol.CompletionRequest) -> Response:
     lease = await acquire(model_id, data.keep_alive)
     try:
         served = lease.served
-        prompt = data.single_prompt()
-        if isinstance(prompt, str):
-            ids = await asyncio.to_thread(served.encode, prompt)
-            text = prompt
-        else:
-            ids = list(prompt)
-            text = await asyncio.to_thread(served.decode, ids, "prompt") if data.echo else ""
-        sampling = data.to_sampling()
-        limits.apply(sampling, len(ids), "prompt")
-        job = completions.Job(served, model_id, GenerationRequest(ids, sampling, protocol.new_id("cmpl")),
-                              chat=False, include_usage=data.include_usage, echo=text if data.echo else "",
-                              timeout_s=limits.timeout_s)
+        sampling, prompts, job_id = data.to_sampling(), data.prompts(), protocol.new_id("cmpl")
+        requests, echoes = [], []
+        for k, prompt in enumerate(prompts):  # a list of prompts: one request (and choice set) each
+            if isinstance(prompt, str):
+                ids, text = await asyncio.to_thread(served.encode, prompt), prompt
+            else:
+                ids = list(prompt)
+                text = await asyncio.to_thread(served.decode, ids, "prompt") if data.echo else ""
+            limits.apply(sampling, len(ids), "prompt")
+            requests.append(GenerationRequest(ids, sampling, job_id if len(prompts) == 1 else f"{job_id}-{k}"))
+            echoes.append(text)
+        job = completions.Job(served, model_id, job_id, requests, chat=False, include_usage=data.include_usage,
+                              echoes=echoes if data.echo else None, timeout_s=limits.timeout_s)
     except BaseException:
         lease.release()
         raise

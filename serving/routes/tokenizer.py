@@ -7,6 +7,7 @@ import asyncio
 from quart import Blueprint, Response
 from quart_schema import validate_request
 
+from mrs.tools import parse_tools
 from serving import protocol, responses
 from serving.responses import documented
 from serving.routes.common import acquire, json_reply, services
@@ -21,13 +22,17 @@ async def tokenize(data: protocol.TokenizeRequest) -> Response:
     model_id = services().table.resolve(data.model)
     with await acquire(model_id) as served:
         if data.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in data.messages]
-            ids = await asyncio.to_thread(served.encode_chat, messages)
+            ids = await asyncio.to_thread(
+                served.encode_chat, [m.openai() for m in data.messages], parse_tools(data.tools, None)[0],
+                add_generation_prompt=data.add_generation_prompt, continue_final_message=data.continue_final_message)
         elif data.add_special_tokens:
             ids = await asyncio.to_thread(served.encode, data.prompt)
         else:
             ids = await asyncio.to_thread(served.tokenizer.encode, data.prompt, add_special_tokens=False)
-        return json_reply({"model": model_id, "tokens": ids, "count": len(ids), "max_model_len": served.context_limit})
+        reply = {"model": model_id, "tokens": ids, "count": len(ids), "max_model_len": served.context_limit}
+        if data.return_token_strs:
+            reply["token_strs"] = served.tokenizer.convert_ids_to_tokens(ids)
+        return json_reply(reply)
 
 
 @blueprint.post("/detokenize")
