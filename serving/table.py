@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 LOADING, LOADED, UNLOADED, EVICTED, FAILED = "loading", "loaded", "unloaded", "evicted", "failed"
 DEFAULT_ALIAS = "default"
 FOREVER = None  # a keep_alive of "-1": never expires, never evicted (pinned)
+# A model just loaded is not expired for this long, so the requests that waited for the
+# load take it first (with keep_alive 0 it was unloaded before they could, and reloaded, forever).
+LOAD_GRACE_S = 2.0
 
 Loader = Callable[[ModelEntry, EngineConfig], Pipeline]
 
@@ -73,6 +76,7 @@ class _Row:
     leases: int = 0
     loading: concurrent.futures.Future | None = None  # the load in flight
     bytes: int | None = None  # measured once loaded (params + KV), else estimated before a load
+    loaded_at: float = 0.0
 
 
 class ModelTable:
@@ -308,6 +312,9 @@ class ModelTable:
             served, row.served = row.served, None
             if row.status in (LOADED, FAILED):
                 row.status = status
+            # a request's keep_alive lasts until the model unloads; a new load starts from the configured one
+            configured = self._new_row(row.entry)
+            row.keep_alive_s, row.pinned = configured.keep_alive_s, configured.pinned
         if served is not None:
             served.close()
             self._count(model_id, "evictions" if status == EVICTED else "unloads")
@@ -389,7 +396,7 @@ class ModelTable:
         stats = served.stats()
         with self._lock:
             row.served, row.status, row.loading = served, LOADED, None
-            row.created, row.last_used = int(time.time()), time.time()
+            row.created, row.last_used, row.loaded_at = int(time.time()), time.time(), time.time()
             row.bytes = stats["param_bytes"] + stats["kv_cache_bytes"]
             self._count(model_id, "loads")
             self._count(model_id, "load_seconds", time.perf_counter() - begin)
@@ -446,7 +453,7 @@ class ModelTable:
                 for model_id, row in self._rows.items():
                     if row.status != LOADED or row.leases or row.keep_alive_s is FOREVER:
                         continue
-                    left = row.last_used + row.keep_alive_s - now
+                    left = max(row.last_used + row.keep_alive_s, row.loaded_at + LOAD_GRACE_S) - now
                     if left <= 0:
                         expired.append((model_id, row.keep_alive_s))
                     else:
