@@ -8,7 +8,7 @@ import contextlib
 from typing import Any
 
 from quart import Blueprint, Response, request
-from quart_schema import document_request
+from quart_schema import validate_request
 
 from mrs.config.mistralrs import parse_multi_model_config
 from mrs.errors import ConfigError, InvalidRequest, ModelUnavailable
@@ -69,12 +69,9 @@ async def get_model(model: str) -> Response:
     return json_reply(_card(services().table.resolve(model)))
 
 
-async def _manage(action: str) -> Response:
+async def _manage(action: str, data: protocol.ModelIdRequest) -> Response:
     table = services().table
-    body = await request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("model_id"), str):
-        raise InvalidRequest('the body must be a JSON object {"model_id": "<id>"}', param="model_id")
-    model_id = table.resolve(body["model_id"])
+    model_id = table.resolve(data.model_id)
     if action == "unload":
         status = await asyncio.to_thread(table.unload, model_id)
     elif action == "reload":
@@ -90,21 +87,21 @@ async def _manage(action: str) -> Response:
 
 
 @blueprint.post("/v1/models/status")
-@document_request(protocol.ModelIdRequest)
 @documented(responses.ModelStatus)
-async def model_status() -> Response:
-    return await _manage("status")
+@validate_request(protocol.ModelIdRequest)
+async def model_status(data: protocol.ModelIdRequest) -> Response:
+    return await _manage("status", data)
 
 
 @blueprint.post("/v1/models/unload")
-@document_request(protocol.ModelIdRequest)
 @documented(responses.ModelStatus)
-async def model_unload() -> Response:
-    return await _manage("unload")
+@validate_request(protocol.ModelIdRequest)
+async def model_unload(data: protocol.ModelIdRequest) -> Response:
+    return await _manage("unload", data)
 
 
 @blueprint.post("/v1/models/reload")
-@document_request(protocol.ModelIdRequest)
 @documented(responses.ModelStatus)
-async def model_reload() -> Response:
-    return await _manage("reload")
+@validate_request(protocol.ModelIdRequest)
+async def model_reload(data: protocol.ModelIdRequest) -> Response:
+    return await _manage("reload", data)
