@@ -99,9 +99,13 @@ class ModelTable:
         self._reaper.start()
 
     def _new_row(self, entry: ModelEntry) -> _Row:
+        return _Row(entry, *self._keep_alive(entry))
+
+    def _keep_alive(self, entry: ModelEntry) -> tuple[float | None, bool]:
+        """The configured idle time-to-live (the entry's, else the server's) and whether it pins."""
         text = entry.keep_alive if entry.keep_alive is not None else self._server.keep_alive
         seconds = parse_duration(text, "keep_alive") if text is not None else FOREVER
-        return _Row(entry, seconds, pinned=text is not None and seconds is FOREVER)
+        return seconds, text is not None and seconds is FOREVER
 
     @property
     def ids(self) -> list[str]:
@@ -313,8 +317,7 @@ class ModelTable:
             if row.status in (LOADED, FAILED):
                 row.status = status
             # a request's keep_alive lasts until the model unloads; a new load starts from the configured one
-            configured = self._new_row(row.entry)
-            row.keep_alive_s, row.pinned = configured.keep_alive_s, configured.pinned
+            row.keep_alive_s, row.pinned = self._keep_alive(row.entry)
         if served is not None:
             served.close()
             self._count(model_id, "evictions" if status == EVICTED else "unloads")

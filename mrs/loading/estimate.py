@@ -33,9 +33,12 @@ def estimate_bytes(entry: ModelEntry, engine: EngineConfig) -> int:
     """Parameter plus KV cache bytes of ``entry`` served with ``engine``."""
     config, params = _config_and_param_bytes(entry)
     context = min(engine.max_seq_len, config.max_position_embeddings)
-    kv = (config.num_layers * 2 * engine.max_batch * context * config.num_kv_heads * config.head_dim
-          * np.dtype(config.dtype if config.dtype != "bfloat16" else "float16").itemsize)
+    kv = config.num_layers * 2 * engine.max_batch * context * config.num_kv_heads * config.head_dim * _itemsize(config.dtype)
     return params + kv
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize  # numpy has no bfloat16
 
 
 def _config_and_param_bytes(entry: ModelEntry) -> tuple[ModelConfig, int]:
@@ -50,7 +53,7 @@ def _config_and_param_bytes(entry: ModelEntry) -> tuple[ModelConfig, int]:
         return model_config(read_marker(model_dir)["config"], model_dir), stored
     hf = read_json(model_dir / "config.json")
     config = registry.config_from_hf(source.arch or registry.detect_arch(hf), hf, dtype=entry.dtype)
-    target = np.dtype(entry.dtype if entry.dtype != "bfloat16" else "float16").itemsize
+    target = _itemsize(entry.dtype)
     total = 0
     for file in safetensors_files(model_dir):
         with open(file, "rb") as f:

@@ -4,12 +4,13 @@ hand the job to ``serving.completions`` (one JSON body or SSE chunks)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from quart import Blueprint, Response
 from quart_schema import validate_request
 
 from mrs.engine.types import GenerationRequest
+from mrs.pipeline import Pipeline
 from mrs.tools import calls_enabled
 from serving import completions, protocol, responses, sse
 from serving.errors import to_reply
@@ -46,14 +47,26 @@ async def _released(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator
         lease.release()
 
 
+async def _serve(data: protocol.ChatCompletionRequest | protocol.CompletionRequest,
+                 build: Callable[[Pipeline, str], Awaitable[completions.Job]], endpoint: str) -> Response:
+    """Lease the request's model (loading it if need be), build its job, run it; the lease
+    is released when the job ends, or at once when building it fails."""
+    model_id = services().table.resolve(data.model)
+    lease = await acquire(model_id, data.keep_alive)
+    try:
+        job = await build(lease.served, model_id)
+    except BaseException:
+        lease.release()
+        raise
+    return await _run(job, data.stream, endpoint, lease)
+
+
 @blueprint.post("/v1/chat/completions")
 @documented(responses.ChatCompletion)
 @validate_request(protocol.ChatCompletionRequest)
 async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
-    model_id, limits = services().table.resolve(data.model), services().limits
-    lease = await acquire(model_id, data.keep_alive)
-    try:
-        served = lease.served
+    async def build(served: Pipeline, model_id: str) -> completions.Job:
+        limits = services().limits
         sampling, (tools, choice) = data.to_sampling(), data.tool_setup()
         calls = calls_enabled(tools, choice)
         ids = await asyncio.to_thread(served.encode_chat, data.template_messages(), tools if calls else None)
@@ -61,20 +74,17 @@ async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
         job_id = protocol.new_id("chatcmpl")
         job = completions.Job(served, model_id, job_id, [GenerationRequest(ids, sampling, job_id)], chat=True,
                               include_usage=data.include_usage, tool_calls=calls, timeout_s=limits.timeout_s)
-    except BaseException:
-        lease.release()
-        raise
-    return await _run(job, data.stream, "chat", lease)
+        return job
+
+    return await _serve(data, build, "chat")
 
 
 @blueprint.post("/v1/completions")
 @documented(responses.Completion)
 @validate_request(protocol.CompletionRequest)
 async def text_completions(data: protocol.CompletionRequest) -> Response:
-    model_id, limits = services().table.resolve(data.model), services().limits
-    lease = await acquire(model_id, data.keep_alive)
-    try:
-        served = lease.served
+    async def build(served: Pipeline, model_id: str) -> completions.Job:
+        limits = services().limits
         sampling, prompts, job_id = data.to_sampling(), data.prompts(), protocol.new_id("cmpl")
         requests, echoes = [], []
         for k, prompt in enumerate(prompts):  # a list of prompts: one request (and choice set) each
@@ -88,7 +98,6 @@ async def text_completions(data: protocol.CompletionRequest) -> Response:
             echoes.append(text)
         job = completions.Job(served, model_id, job_id, requests, chat=False, include_usage=data.include_usage,
                               echoes=echoes if data.echo else None, timeout_s=limits.timeout_s)
-    except BaseException:
-        lease.release()
-        raise
-    return await _run(job, data.stream, "completions", lease)
+        return job
+
+    return await _serve(data, build, "completions")
