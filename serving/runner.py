@@ -4,6 +4,11 @@ Both front doors (``mrs-server`` and ``mrs serve``) call it. The HTTP server lis
 at once (``/health`` answers 503 while models load); models load in a worker thread,
 one after the other, with progress in the log. SIGINT/SIGTERM: stop accepting, give
 in-flight requests ``server.shutdown_timeout_s``, stop the engines, exit 0.
+
+Once the engines have stopped the process leaves without interpreter teardown
+(``_leave``): a daemon thread inside a jaxlib call at finalization (a loader mid-compile,
+the keep-alive reaper, an engine finishing a step) is killed by ``pthread_exit`` through
+a C++ destructor, and the clean stop ends in SIGABRT ("FATAL: exception not rethrown").
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import NoReturn
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -29,8 +35,9 @@ from serving.table import ModelTable, check_entry
 log = logging.getLogger("mrs.server")
 
 
-def run(config: ServeConfig) -> int:
-    """Serve until a signal; returns the process exit code."""
+def run(config: ServeConfig) -> NoReturn:
+    """Serve until a signal, then exit the process: 0 after a clean stop, 1 when startup
+    failed, 2 for a bad configuration."""
     # force: an import may have put a handler on the root logger already (absl, through
     # orbax-checkpoint, does), which would make basicConfig a no-op and the log silent.
     logging.basicConfig(
@@ -50,12 +57,20 @@ def run(config: ServeConfig) -> int:
             _check_port(config.server.host, config.server.port)
     except ConfigError as e:
         log.error("%s", e.message)
-        return 2
+        _leave(2)
     if config.interactive:
         from serving.interactive import chat_loop
 
-        return chat_loop(config)
-    return asyncio.run(_serve(config, keys))
+        _leave(chat_loop(config))
+    _leave(asyncio.run(_serve(config, keys)))
+
+
+def _leave(exit_code: int) -> NoReturn:
+    """Flush what was written, then exit without finalizing the interpreter (see the module doc)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(exit_code)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -116,13 +131,8 @@ async def _serve(config: ServeConfig, keys: Keys) -> int:
         log.info("stopping engines")
         table.abort_loading()
         await asyncio.to_thread(table.shutdown)
-    if loader.is_alive() or table.loading:
-        # A model is mid warm-up and XLA cannot be interrupted: leave without waiting
-        # (and without interpreter teardown racing the compiling thread).
-        log.info("server stopped while a model was still loading")
-        logging.shutdown()
-        os._exit(exit_code)
-    log.info("server stopped")
+    # A model mid warm-up is not waited for: XLA cannot be interrupted, and _leave does not join it.
+    log.info("server stopped%s", " while a model was still loading" if loader.is_alive() or table.loading else "")
     return exit_code
 
 

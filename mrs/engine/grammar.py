@@ -2,16 +2,17 @@
 matcher per sequence, each sampled token consumed on the host and the next token
 bitmask filled for the device step.
 
-The tokenizer adapter (``LLTokenizer``) is built once per model (0.5 s for SmolLM2's
-49k vocabulary); compiling and checking a request's grammar takes about 1 ms for a
-typical JSON schema, so ``submit`` does it and a bad grammar is an ``InvalidRequest``
-naming its field before anything is queued.
+The tokenizer adapter (``LLTokenizer``) is built once per model, on its first
+constrained request (``GrammarEngine``); compiling and checking a request's grammar
+takes about 1 ms for a typical JSON schema, so ``submit`` does it and a bad grammar is
+an ``InvalidRequest`` naming its field before anything is queued.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 import llguidance
@@ -85,31 +86,43 @@ class Constraint:
 
 
 class GrammarEngine:
-    """Per model: the llguidance tokenizer adapter, and constraints compiled against it."""
+    """Per model: the llguidance tokenizer adapter, and constraints compiled against it.
+
+    The adapter is built on the first constrained request, not at load: building it holds
+    the GIL (0.8 s for SmolLM2's 49k vocabulary, 5.5 s for Gemma 3's 262k) and would stall
+    the HTTP event loop, ``/health`` included, during every model load.
+    """
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self._hf_tokenizer, self._vocab_size, self._eos_token_ids = tokenizer, vocab_size, list(eos_token_ids)
+        self._build_lock = threading.Lock()
+        self._tokenizer: llguidance.LLTokenizer | None = None
         self._unavailable: str | None = None
-        self._vocab_size = vocab_size
-        try:
-            # n_vocab is the model's (its head may be wider than the tokenizer): extra ids stay masked.
-            self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
-        except Exception as err:  # e.g. a slow (python) tokenizer: serve, but refuse grammars
-            log.warning("constrained decoding is unavailable for this model: %s", err)
-            self._unavailable = f"{type(err).__name__}: {err}"
+
+    def _adapter(self, param: str) -> llguidance.LLTokenizer:
+        with self._build_lock:
+            if self._tokenizer is None and self._unavailable is None:
+                try:
+                    # n_vocab is the model's (its head may be wider than the tokenizer): extra ids stay masked.
+                    self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self._vocab_size,
+                                                                   eos_token=self._eos_token_ids)
+                except Exception as err:  # e.g. a slow (python) tokenizer: serve, but refuse grammars
+                    log.warning("constrained decoding is unavailable for this model: %s", err)
+                    self._unavailable = f"{type(err).__name__}: {err}"
+        if self._tokenizer is None:
+            raise InvalidRequest(f"{param}: this model's tokenizer does not support constrained decoding "
+                                 f"({self._unavailable})", param=param)
+        return self._tokenizer
 
     def constraints(self, grammar: Grammar, n: int) -> list[Constraint]:
         """``n`` fresh constraints for ``grammar`` (one per choice); ``InvalidRequest`` if it does not compile."""
-        if self._unavailable is not None:
-            raise InvalidRequest(
-                f"{grammar.param}: this model's tokenizer does not support constrained decoding ({self._unavailable})",
-                param=grammar.param,
-            )
+        tokenizer = self._adapter(grammar.param)
         text = grammar_text(grammar)
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self._tokenizer)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, tokenizer)
         if failed:
             raise InvalidRequest(f"{grammar.param}: the grammar does not compile: {messages[0].strip()}",
                                  param=grammar.param)
-        matchers = [llguidance.LLMatcher(self._tokenizer, text, log_level=0) for _ in range(n)]
+        matchers = [llguidance.LLMatcher(tokenizer, text, log_level=0) for _ in range(n)]
         for matcher in matchers:
             if matcher.is_error():
                 raise InvalidRequest(f"{grammar.param}: {matcher.get_error()}", param=grammar.param)
