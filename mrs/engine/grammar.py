@@ -89,7 +89,7 @@ class GrammarEngine:
     """Per model: the llguidance tokenizer adapter, and constraints compiled against it.
 
     The adapter is built on the first constrained request, not at load: building it holds
-    the GIL (0.8 s for SmolLM2's 49k vocabulary, 5.5 s for Gemma 3's 262k) and would stall
+    the GIL (0.8 s for SmolLM2's 49k vocabulary, 5.7 s for Gemma 3's 262k) and would stall
     the HTTP event loop, ``/health`` included, during every model load.
     """
 
