@@ -44,10 +44,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def server(config: Path, extra: list[str], env: dict[str, str]) -> Iterator[str]:
+    """A running ``mrs-server``; its output goes to a log file whose tail is printed on failure."""
     port = _free_port()
-    proc = subprocess.Popen([str(BIN / "mrs-server"), "--port", str(port), *extra, "--multi-model",
-                             "--multi-model-config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = config.with_name(f"server-{port}.log")
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([str(BIN / "mrs-server"), "--port", str(port), *extra, "--multi-model",
+                                 "--multi-model-config", str(config)], env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -59,6 +61,10 @@ def server(config: Path, extra: list[str], env: dict[str, str]) -> Iterator[str]
                 raise RuntimeError(f"mrs-server exited with {proc.returncode}")
             time.sleep(0.5)
         yield url
+    except BaseException:
+        print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]),
+              file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         proc.wait(120)
@@ -67,6 +73,7 @@ def server(config: Path, extra: list[str], env: dict[str, str]) -> Iterator[str]
 def ttft(url: str, model: str) -> float:
     """Seconds from sending a streamed completion to its first token (a load included)."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    print(f"request to {model} ...", file=sys.stderr, flush=True)
     begin = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=900) as reply:
         reply.raise_for_status()

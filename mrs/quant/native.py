@@ -125,7 +125,14 @@ def xla_only() -> Iterator[None]:
 
 
 def cpu_or_xla(native: Any, xla: Any, *args: Any) -> Any:
-    """``native(*args)`` when compiling for CPU, ``xla(*args)`` for other backends."""
+    """``native(*args)`` when compiling for CPU, ``xla(*args)`` for other backends.
+
+    Without an accelerator every step compiles for the CPU, so only the native branch is
+    traced: ``platform_dependent`` traces and lowers both, which was a third of an
+    engine's warm-up (the compiled steps come from the persistent cache; tracing does not).
+    """
+    if jax.default_backend() == "cpu":
+        return native(*args)
     return jax.lax.platform_dependent(*args, cpu=native, default=xla)
 
 
