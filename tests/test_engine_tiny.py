@@ -316,3 +316,16 @@ def test_a_queue_longer_than_the_slots_drains_without_new_submits(tiny) -> None:
         assert [e[-1].reason for e in finished] == ["length"] * 20
     finally:
         small.shutdown()
+
+
+def test_warm_up_logs_its_progress(tiny, caplog) -> None:
+    """Minutes of compiling on a slow machine must not be silent: the last progress line
+    counts every step variant (the insert step is compiled before them)."""
+    checkpoint = tiny[0]
+    with caplog.at_level("INFO", logger="mrs.engine.engine"):
+        small = Engine.from_parts(checkpoint.config, checkpoint.params, checkpoint.tokenizer, checkpoint.eos_token_ids,
+                                  EngineConfig(max_batch=2, max_seq_len=64, prefill_buckets=[16])).start()
+    small.shutdown()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up of in-memory parameters")]
+    variants = small.stats()["compiles"] - 1
+    assert lines and lines[-1].startswith(f"warm-up of in-memory parameters: {variants}/{variants} step variants")

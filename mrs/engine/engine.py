@@ -26,7 +26,9 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import jax
@@ -48,6 +50,7 @@ from mrs.models.config import ModelConfig
 from mrs.quant.memory import cache_bytes, param_bytes
 
 log = logging.getLogger(__name__)
+WARMUP_LOG_SECONDS = 10.0  # at most one progress line per this many seconds of warm-up
 
 
 @dataclass(eq=False)
@@ -294,7 +297,7 @@ class Engine:
             return bool(self._waiting) and any(s is None for s in self._slots)
 
     def _warmup(self) -> None:
-        """Compile every prefill bucket, chunk continuation and decode kv bucket."""
+        """Compile every prefill bucket, chunk continuation and decode kv bucket, logging progress."""
         begin = time.perf_counter()
         row = host_row(
             self.checkpoint.config.vocab_size, temperature=1.0, top_k=2, top_p=0.9, min_p=0.0,
@@ -303,20 +306,32 @@ class Engine:
         self._state = self._steps.insert(self._state, np.int32(0), row)
         mask = self._all_allowed[0]
         starts = {self._chunk_kv_len(start): start for start in self._continuations()}  # one per attention length
-        for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
-            for length in self._prefill_buckets:
-                self._prefill_chunk(0, [0], 0, length, True, mask, targets)
-            for start in starts.values():
-                self._prefill_chunk(0, [0], start, self._prefill_buckets[-1], True, mask, targets)
         active = np.zeros(self.max_batch, bool)
         active[0] = True
-        for kv_len in self._kv_buckets:
-            for rows in self._batch_buckets:
-                self._state, out = self._steps.decode(self._params, self._state, active, self._unconstrained,
-                                                      kv_len=kv_len, rows=rows)
+        variants: list[Callable[[], Any]] = []
+        for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
+            variants += [partial(self._prefill_chunk, 0, [0], 0, length, True, mask, targets)
+                         for length in self._prefill_buckets]
+            variants += [partial(self._prefill_chunk, 0, [0], start, self._prefill_buckets[-1], True, mask, targets)
+                         for start in starts.values()]
+        variants += [partial(self._decode_variant, active, kv_len, rows)
+                     for kv_len in self._kv_buckets for rows in self._batch_buckets]
+        logged, out = begin, None
+        for done, compile_variant in enumerate(variants, 1):
+            out = compile_variant()  # compiling is synchronous; only the run is dispatched
+            now = time.perf_counter()
+            if now - logged >= WARMUP_LOG_SECONDS or done == len(variants):  # a sign of life while it compiles
+                log.info("warm-up of %s: %d/%d step variants compiled (%.1f s)", self.checkpoint.source, done,
+                         len(variants), now - begin)
+                logged = now
         jax.block_until_ready(out)
         self._state = self._steps.init_state()
         self._warmup_seconds = time.perf_counter() - begin
+
+    def _decode_variant(self, active: np.ndarray, kv_len: int, rows: int) -> SampleOut:
+        self._state, out = self._steps.decode(self._params, self._state, active, self._unconstrained,
+                                              kv_len=kv_len, rows=rows)
+        return out
 
     def _continuations(self) -> range:
         chunk = self._prefill_buckets[-1]
