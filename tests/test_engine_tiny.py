@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import jax
+import jax.monitoring
 import numpy as np
 import pytest
 import torch
@@ -222,12 +224,18 @@ def test_engine_survives_failures_inside_steps(engine, monkeypatch) -> None:
 
 
 def test_no_recompile_after_warmup(engine) -> None:
+    """Nothing traces, lowers or compiles again: the warm-up compiles without running, and
+    a real call must find those executables."""
+    compiled: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _seconds, **_: compiled.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
     before = dict(engine._steps.traces)
     for n in (4, 15, 16, 17, 63, 64, 65, 127):  # new lengths in every known bucket, and chunked
         run(engine, prompt(n, seed=n), temperature=0.7, top_k=3, seed=n, max_tokens=1 if n == 127 else 3,
             presence_penalty=0.5, logit_bias={5: 2.0}, logprobs=True, top_logprobs=2,
             prompt_logprobs=1 if n in (17, 65) else None)  # the scoring prefill is warmed up too
     assert dict(engine._steps.traces) == before
+    assert compiled == []
     stats = engine.stats()
     assert stats["tokens_generated"] > 0
 

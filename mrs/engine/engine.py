@@ -26,9 +26,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import jax
@@ -308,30 +306,25 @@ class Engine:
         starts = {self._chunk_kv_len(start): start for start in self._continuations()}  # one per attention length
         active = np.zeros(self.max_batch, bool)
         active[0] = True
-        variants: list[Callable[[], Any]] = []
+        variants: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # (step, arguments, keyword arguments)
         for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
-            variants += [partial(self._prefill_chunk, 0, [0], 0, length, True, mask, targets)
+            variants += [("prefill", *self._prefill_inputs(0, [0], 0, length, True, mask, targets))
                          for length in self._prefill_buckets]
-            variants += [partial(self._prefill_chunk, 0, [0], start, self._prefill_buckets[-1], True, mask, targets)
+            variants += [("prefill", *self._prefill_inputs(0, [0], start, self._prefill_buckets[-1], True, mask, targets))
                          for start in starts.values()]
-        variants += [partial(self._decode_variant, active, kv_len, rows)
+        variants += [("decode", (active, self._unconstrained), {"kv_len": kv_len, "rows": rows})
                      for kv_len in self._kv_buckets for rows in self._batch_buckets]
-        logged, out = begin, None
-        for done, compile_variant in enumerate(variants, 1):
-            out = compile_variant()  # compiling is synchronous; only the run is dispatched
+        logged = begin
+        for done, (step, args, kwargs) in enumerate(variants, 1):
+            self._state = self._steps.warm(step, self._params, self._state, *args, **kwargs)
             now = time.perf_counter()
             if now - logged >= WARMUP_LOG_SECONDS or done == len(variants):  # a sign of life while it compiles
                 log.info("warm-up of %s: %d/%d step variants compiled (%.1f s)", self.checkpoint.source, done,
                          len(variants), now - begin)
                 logged = now
-        jax.block_until_ready(out)
+        jax.block_until_ready(self._state)
         self._state = self._steps.init_state()
         self._warmup_seconds = time.perf_counter() - begin
-
-    def _decode_variant(self, active: np.ndarray, kv_len: int, rows: int) -> SampleOut:
-        self._state, out = self._steps.decode(self._params, self._state, active, self._unconstrained,
-                                              kv_len=kv_len, rows=rows)
-        return out
 
     def _continuations(self) -> range:
         chunk = self._prefill_buckets[-1]
@@ -343,16 +336,20 @@ class Engine:
     def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool,
                        mask: np.ndarray, targets: list[int] | None = None) -> SampleOut:
         """One prompt chunk; with ``targets`` (each position's next prompt token) it is scored too."""
+        args, kwargs = self._prefill_inputs(slot, chunk, start, length, final, mask, targets)
+        self._state, out = self._steps.prefill(self._params, self._state, *args, **kwargs)
+        return out
+
+    def _prefill_inputs(self, slot: int, chunk: list[int], start: int, length: int, final: bool, mask: np.ndarray,
+                        targets: list[int] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The prefill step's arguments after the parameters and state, and its keyword arguments."""
         tokens = np.zeros(length, np.int32)
         tokens[: len(chunk)] = chunk
         kv_len = length if start == 0 else self._chunk_kv_len(start)
         scored = {} if targets is None else {"targets": np.pad(np.asarray(targets, np.int32), (0, length - len(targets))),
                                              "score": True}
-        self._state, out = self._steps.prefill(
-            self._params, self._state, np.int32(slot), tokens, np.int32(start),
-            np.int32(len(chunk)), np.bool_(final), mask, kv_len=kv_len, **scored,
-        )
-        return out
+        return (np.int32(slot), tokens, np.int32(start), np.int32(len(chunk)), np.bool_(final), mask), {
+            "kv_len": kv_len, **scored}
 
     def _masks(self, seqs: list[tuple[int, _Seq]], rows: int) -> np.ndarray:
         """The token bitmask for ``rows`` slots: each constrained ``(row, seq)``'s grammar, all ones elsewhere.

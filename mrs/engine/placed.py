@@ -107,6 +107,12 @@ class StagedSteps:
         self._leads = [_LeadStage(config, device, layers, self.traces) for device, layers in lead]
         self._inputs = jax.jit(decode_inputs, static_argnames=("rows",))
 
+    def warm(self, step: str, params: list[dict], state: DecodeState, *args: Any, **kwargs: Any) -> DecodeState:
+        """Compile ``step`` by running it: each stage's inputs are the previous stage's outputs
+        on another device, so there is no one call to lower. Returns the state it leaves."""
+        state, _ = getattr(self, step)(params, state, *args, **kwargs)
+        return state
+
     def place_params(self, params: dict) -> list[dict]:
         embeddings = get_arch(self.config.arch).embeddings
         return [
