@@ -24,7 +24,7 @@ from mrs.errors import InvalidRequest
 
 
 class _Shape(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)  # as the protocol models
 
 
 class JsonSchemaSpec(_Shape):

@@ -50,7 +50,7 @@ To call a function, reply only with one block per call:
 
 
 class _Shape(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as the protocol models: no 0 for false, no "1" for 1
 
 
 class FunctionDef(_Shape):

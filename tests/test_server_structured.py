@@ -179,6 +179,10 @@ def test_bad_schemas_and_grammars_are_400_naming_the_field(server: Server) -> No
         ({"tool_choice": "required"}, "tool_choice", "tools"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]}, "tools", "bogus"),
+        # found by tools/fuzz.py: a number where a boolean belongs was read as false
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": 0.0}}]}, "tools", "boolean"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "strict": "yes"}}}, "response_format",
+         "boolean"),
     ]
     for extra, param, word in cases:
         reply = httpx.post(url, timeout=60, json={"model": "default", "messages": QUESTION, **extra})

@@ -51,7 +51,8 @@ def test_grammars_by_tool_choice(tokenizer) -> None:
 def test_tool_fields_checked(tokenizer) -> None:
     for tools, choice, param in [([], "auto", "tool_choice"), ([WEATHER, WEATHER], None, "tools"),
                                  ([WEATHER], {"type": "function", "function": {"name": "x"}}, "tool_choice"),
-                                 ([{"type": "function"}], None, "tools"), ([WEATHER], "sometimes", "tool_choice")]:
+                                 ([{"type": "function"}], None, "tools"), ([WEATHER], "sometimes", "tool_choice"),
+                                 ([{"type": "function", "function": {"name": "f", "strict": 0.0}}], None, "tools")]:
         with pytest.raises(InvalidRequest) as err:
             parse_tools(tools, choice)
         assert err.value.param == param, (tools, choice, err.value.message)
