@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -40,6 +40,15 @@ def build_steps(config: ModelConfig, max_batch: int, max_seq_len: int, placement
         return MeshSteps(config, max_batch, max_seq_len, placement.mesh)
     if placement.layers is not None:
         return StagedSteps(config, max_batch, max_seq_len, placement.layers)
+    return _shared_steps(config, max_batch, max_seq_len)
+
+
+@lru_cache(maxsize=8)
+def _shared_steps(config: ModelConfig, max_batch: int, max_seq_len: int) -> Steps:
+    """One ``Steps`` per model and engine shape in this process: its jitted functions keep
+    their compiled executables, so reloading an unloaded or evicted model (or a second
+    engine of the same shape) neither traces nor compiles again. The parameters are
+    arguments of the steps, never captured, so an unloaded model's weights are not kept."""
     return Steps(config, max_batch, max_seq_len)
 
 
