@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import tempfile
 import time
 
 import jax
 import jax.monitoring
+from bench_swap import MODELS  # tools/ is on the path when this script runs
 
 from mrs.config.schema import GGUF, EngineConfig, ModelEntry, ModelSource
 from mrs.engine.engine import Engine
 from mrs.fetch import DEMO_MODELS, fetch, models_dir
 from mrs.loading.load import load_checkpoint
 
-MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3-270m": "gemma-3-270m-q4_k_m.gguf"}
 PHASES = {  # jax.monitoring event -> column
     "/jax/core/compile/jaxpr_trace_duration": "trace s",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower s",
@@ -38,9 +37,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold-cache", action="store_true", help="an empty JAX compilation cache")
     args = parser.parse_args()
-    if args.cold_cache:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mrs-jax-cache-")
-        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    if args.cold_cache:  # JAX read its environment at import: set the option itself
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mrs-jax-cache-"))
     totals: collections.Counter[str] = collections.Counter()
     jax.monitoring.register_event_duration_secs_listener(lambda event, seconds, **_: totals.update({event: seconds}))
     for model in DEMO_MODELS:

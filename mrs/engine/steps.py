@@ -123,8 +123,8 @@ class Steps:
     def warm(self, step: str, params: Any, state: DecodeState, *args: Any, **kwargs: Any) -> DecodeState:
         """Compile ``step`` ("prefill" or "decode") for these arguments without running it;
         a later call with arguments of the same types and placement reuses the executable
-        (running it instead was a quarter of SmolLM2's warm-up: 2,000 prompt tokens through
-        the model). Returns ``state``, untouched."""
+        (running every variant would push some 2,000 dummy prompt tokens through the model).
+        Returns ``state``, untouched."""
         getattr(self, step).lower(params, state, *args, **kwargs).compile()
         return state
 
