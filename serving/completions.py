@@ -148,6 +148,10 @@ def _usage(finishes: dict[int, Finish], prompt_tokens: int) -> Usage:
 
 async def _merged(streams: list[Any], n: int) -> AsyncIterator[tuple[int, Event]]:
     """The events of several requests' streams as they arrive, with each choice's job-wide index."""
+    if len(streams) == 1:  # the usual case: no pump task and queue hop per token
+        async for event in streams[0]:
+            yield event.index, event
+        return
     queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
 
     async def pump(k: int, events: Any) -> None:

@@ -18,9 +18,7 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from servers import free_port, running
 
 from mrs.fetch import DEMO_MODELS, fetch, models_dir
 
@@ -36,38 +35,13 @@ MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3-270m": "gem
 PROMPT = "The capital of France is"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(config: Path, extra: list[str], env: dict[str, str]) -> Iterator[str]:
-    """A running ``mrs-server``; its output goes to a log file whose tail is printed on failure."""
-    port = _free_port()
-    log = config.with_name(f"server-{port}.log")
-    with log.open("wb") as sink:
-        proc = subprocess.Popen([str(BIN / "mrs-server"), "--port", str(port), *extra, "--multi-model",
-                                 "--multi-model-config", str(config)], env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if proc.poll() is not None:
-                raise RuntimeError(f"mrs-server exited with {proc.returncode}")
-            time.sleep(0.5)
-        yield url
-    except BaseException:
-        print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]),
-              file=sys.stderr)
-        raise
-    finally:
-        proc.terminate()
-        proc.wait(120)
+    """A running ``mrs-server`` serving ``config``; its output goes to a log file next to it."""
+    port = free_port()
+    command = [str(BIN / "mrs-server"), "--port", str(port), *extra, "--multi-model", "--multi-model-config", str(config)]
+    with running(command, port, config.with_name(f"server-{port}.log"), env) as proc:
+        yield proc.url
 
 
 def ttft(url: str, model: str) -> float:

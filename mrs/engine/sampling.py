@@ -6,12 +6,12 @@ compiles. Order of operations, per slot:
   frequency penalties (output tokens) -> logit_bias -> the grammar's token mask
   (a bitmask row per slot, all ones when unconstrained) -> greedy if temperature == 0,
   else / temperature -> top_k -> top_p and min_p (on the top_k-renormalized
-  distribution) -> Gumbel-max draw.
+  distribution) -> inverse-CDF draw.
 Logprobs are the log-softmax of the raw model logits (what vLLM reports by default).
 
-Randomness: slot ``b`` draws with key ``fold_in(fold_in(key(seed_b), choice_b), step_b)``
-and Gumbel noise indexed by token id, so a seeded request gets the same tokens
-whatever else shares the batch and whichever filtering branch runs.
+Randomness: slot ``b`` draws one uniform with key ``fold_in(fold_in(key(seed_b), choice_b),
+step_b)`` and inverts its kept distribution's CDF (in token-id order), so a seeded request
+gets the same tokens whatever else shares the batch and whichever filtering branch runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from mrs.engine.bounds import MAX_TOP_LOGPROBS
 
 Array = jax.Array
+_BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
 class SlotSampling(NamedTuple):
@@ -138,16 +139,48 @@ def keep_threshold(scaled: Array, sp: SlotSampling) -> Array:
     return jnp.take_along_axis(ordered, (count - 1)[:, None], axis=-1)
 
 
-def _gumbel(sp: SlotSampling, step: Array, vocab: int) -> Array:
+def _uniform(sp: SlotSampling, step: Array) -> Array:
+    """One U[0, 1) per slot, from that slot's key alone."""
     def one(seed: Array, choice: Array, step: Array) -> Array:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), step)
-        return jax.random.gumbel(key, (vocab,), jnp.float32)
+        return jax.random.uniform(key, (), jnp.float32)
 
     return jax.vmap(one)(sp.seed, sp.choice, step)
 
 
+def _last_positive(x: Array) -> Array:
+    """Per row of ``x [B, N]``, the index of its last positive entry (0 if none)."""
+    return jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1]), 0), axis=-1)
+
+
+def inverse_cdf(weights: Array, u: Array) -> Array:
+    """Per row of ``weights [B, V]`` (>= 0, some positive), the index where the running sum
+    first passes ``u [B]`` times the row's total: a draw from the weights' distribution.
+
+    Found block by block (sums of ``_BLOCK`` tokens, then one block), since one cumulative
+    sum over a whole vocabulary is slow on CPU (12 ms for 32 x 49,152 here, against 1 ms
+    for the sums). Never lands on a zero weight, whatever the rounding.
+    """
+    batch, vocab = weights.shape
+    blocks = -(-vocab // _BLOCK)
+    grid = jnp.pad(weights, ((0, 0), (0, blocks * _BLOCK - vocab))).reshape(batch, blocks, _BLOCK)
+    sums = grid.sum(-1)
+    running = jnp.cumsum(sums, -1)
+    target = u * running[:, -1]
+    block = jnp.minimum(jnp.sum(running <= target[:, None], -1), _last_positive(sums))
+    at = lambda x: jnp.take_along_axis(x, block[:, None], axis=-1)[:, 0]  # noqa: E731
+    inside = target - (at(running) - at(sums))
+    row = jnp.take_along_axis(grid, block[:, None, None], axis=1)[:, 0]
+    index = jnp.minimum(jnp.sum(jnp.cumsum(row, -1) <= inside[:, None], -1), _last_positive(row))
+    return block * _BLOCK + index
+
+
 def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
-    """Random tokens for slots with temperature > 0, greedy for the others."""
+    """Random tokens for slots with temperature > 0, greedy for the others.
+
+    Inverse-CDF sampling with one uniform per slot: it costs a few reductions over the
+    vocabulary, where Gumbel-max's noise per token cost 61 ms a step for 32 slots here.
+    """
     temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
     scaled = logits / temperature
     filtering = (sp.temperature > 0) & ((sp.top_k > 0) | (sp.top_p < 1) | (sp.min_p > 0))
@@ -156,8 +189,12 @@ def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
         lambda: keep_threshold(scaled, sp),
         lambda: jnp.full((logits.shape[0], 1), -jnp.inf, jnp.float32),
     )
-    noisy = scaled + _gumbel(sp, step, logits.shape[-1])
-    sampled = jnp.argmax(jnp.where(scaled >= threshold, noisy, -jnp.inf), axis=-1)
+    # A slot without filters keeps every token whichever branch ran, so its draw never
+    # depends on its neighbours' parameters.
+    threshold = jnp.where(filtering[:, None], threshold, -jnp.inf)
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    weights = jnp.where(scaled >= threshold, jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    sampled = inverse_cdf(weights, _uniform(sp, step))
     return jnp.where(sp.temperature > 0, sampled, jnp.argmax(logits, axis=-1))
 
 
@@ -181,12 +218,12 @@ def sample(
         lambda: _draw(processed, sp, step),
         lambda: jnp.argmax(processed, axis=-1),
     ).astype(jnp.int32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    normalizer = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - normalizer
     shape = (logits.shape[0], min(MAX_TOP_LOGPROBS, logits.shape[-1]))
     top_lp, top_ids = jax.lax.cond(
         jnp.any(sp.top_logprobs > 0),
-        lambda: tuple(jax.lax.top_k(logprobs, shape[1])),
+        lambda: tuple(jax.lax.top_k(logits - normalizer[:, None], shape[1])),
         lambda: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32)),
     )
     return SampleOut(tokens, chosen, top_ids.astype(jnp.int32), top_lp)

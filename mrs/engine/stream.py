@@ -33,7 +33,7 @@ class RequestStream:
             self._open -= 1
             if self._open == 0:
                 self._queue.put(None)  # end of stream
-        if self._loop is not None:
+        if self._loop is not None and not self._arrived.is_set():  # set and not yet cleared: the reader will look
             try:
                 self._loop.call_soon_threadsafe(self._arrived.set)
             except RuntimeError:  # that loop is closed; a sync reader may still drain the queue
