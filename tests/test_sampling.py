@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrs.engine.sampling import SlotSampling, all_allowed, empty_rows, host_row, mask_words, sample
+from mrs.engine.sampling import SlotSampling, all_allowed, empty_rows, host_row, keep_threshold, mask_words, sample
 
 V = 12
 N = 4096  # draws per distribution; every test uses batch N or 8 so only two shapes compile
@@ -163,3 +163,25 @@ def test_token_bitmask_renormalizes_over_allowed_tokens() -> None:
     everything = masked(batch_logits, rows(N), *zeros, all_allowed(N, V))
     unmasked = sample_jit(batch_logits, rows(N), *zeros)
     np.testing.assert_array_equal(np.asarray(everything.tokens), np.asarray(unmasked.tokens))
+
+
+def test_keep_threshold_matches_a_sorted_reference() -> None:
+    """The candidate path (top_k <= CANDIDATES) and the bisection path (top_p or min_p
+    alone, a larger top_k) give the threshold a full sort gives, over a wider vocabulary."""
+    vocab, batch = 3000, 8
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(batch, vocab)) * rng.uniform(0.5, 4, size=(batch, 1))).astype(np.float32)
+    top_k = np.array([0, 0, 5, 40, 200, 0, 1500, 64], np.int32)
+    top_p = np.array([0.9, 1.0, 0.8, 0.95, 0.5, 0.3, 1.0, 1.0], np.float32)
+    min_p = np.array([0.0, 0.05, 0.0, 0.1, 0.0, 0.2, 0.01, 0.0], np.float32)
+    sp = empty_rows(batch, vocab)._replace(top_k=jnp.asarray(top_k), top_p=jnp.asarray(top_p), min_p=jnp.asarray(min_p))
+    got = np.asarray(jax.jit(keep_threshold)(jnp.asarray(logits), sp))[:, 0]
+    for b in range(batch):
+        ordered = np.sort(logits[b].astype(np.float64))[::-1]
+        k = top_k[b] if top_k[b] > 0 else vocab
+        probs = np.exp(ordered[:k] - ordered[0])
+        probs /= probs.sum()
+        keep = ((np.cumsum(probs) - probs) < top_p[b]) & (probs >= min_p[b] * probs[0])
+        expected = ordered[max(int(keep.sum()), 1) - 1]
+        kept_got, kept_expected = int((logits[b] >= got[b]).sum()), int((logits[b] >= expected).sum())
+        assert kept_got == kept_expected, f"row {b}: kept {kept_got}, expected {kept_expected}"
