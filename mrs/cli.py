@@ -10,7 +10,7 @@
 
 ``serve`` hands its ServeConfig to ``serving.runner.run``, the same code path as
 ``mrs-server``; ``serving`` is imported inside the command because ``mrs`` never
-imports ``serving`` at module level (DESIGN.md layers).
+imports ``serving`` at module level (the library below the server; README "Layout").
 """
 
 from __future__ import annotations

