@@ -165,9 +165,10 @@ def _bisect(keys: Array, satisfied: Any, lowest: bool) -> Array:
 
 
 def _full_threshold(scaled: Array, sp: SlotSampling) -> Array:
-    """The threshold over the whole vocabulary, by bisection instead of a sort (a sort of
-    32 x 49,152 logits took 369 ms here): the top_k-th largest logit, then the lowest
-    logit whose higher-ranked mass within top_k stays below top_p, and min_p's bound."""
+    """The threshold over the whole vocabulary, by bisection instead of a sort: the
+    top_k-th largest logit, then the lowest logit whose higher-ranked mass within top_k
+    stays below top_p, and min_p's bound. (``tools/bench_sampling.py``, 32 slots with
+    top_p 0.9: 38 ms a call, 575 ms with the sort.)"""
     keys = _sortable(scaled)
     k = sp.top_k[:, None]
     kth = _bisect(keys, lambda t: jnp.sum(keys >= t[:, None], -1) >= k[:, 0], lowest=False)
@@ -219,9 +220,9 @@ def inverse_cdf(weights: Array, u: Array) -> Array:
     """Per row of ``weights [B, V]`` (>= 0, some positive), the index where the running sum
     first passes ``u [B]`` times the row's total: a draw from the weights' distribution.
 
-    Found block by block (sums of ``_BLOCK`` tokens, then one block), since one cumulative
-    sum over a whole vocabulary is slow on CPU (12 ms for 32 x 49,152 here, against 1 ms
-    for the sums). Never lands on a zero weight, whatever the rounding.
+    Found block by block (sums of ``_BLOCK`` tokens, then one block), since XLA CPU's
+    cumulative sum over a whole vocabulary is much slower than a plain sum. Never lands
+    on a zero weight, whatever the rounding.
     """
     batch, vocab = weights.shape
     blocks = -(-vocab // _BLOCK)
@@ -240,8 +241,9 @@ def inverse_cdf(weights: Array, u: Array) -> Array:
 def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
     """Random tokens for slots with temperature > 0, greedy for the others.
 
-    Inverse-CDF sampling with one uniform per slot: it costs a few reductions over the
-    vocabulary, where Gumbel-max's noise per token cost 61 ms a step for 32 slots here.
+    Inverse-CDF sampling with one uniform per slot costs a few reductions over the
+    vocabulary; Gumbel-max drew a noise value per token (``tools/bench_sampling.py``, 32
+    slots at temperature 0.8: 7.6 ms a call, 54 ms with Gumbel-max).
     """
     temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
     scaled = logits / temperature

@@ -50,9 +50,9 @@ def kv_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
 def batch_buckets(max_batch: int) -> list[int]:
     """Static decode batch sizes: 1, then 4, 8, 16, ... below ``max_batch``, then ``max_batch``.
 
-    A step costs about linearly in its rows on CPU (SmolLM2 with 8 live slots: 60 ms in the
-    8-row bucket, 100 ms in the 16-row one), so 8 clients get their own bucket; 2 does not,
-    to keep the warm-up's variant count down.
+    A step costs about linearly in its rows on CPU, so 8 clients get their own bucket
+    (``tools/bench_serve.py``, 8 streamed clients: ITL p50 55 ms, 78 ms in the 16-row
+    bucket); 2 does not, to keep the warm-up's variant count down.
     """
     buckets, size = [1], 4
     while size < max_batch:
