@@ -7,8 +7,8 @@ Starts each server in turn on SmolLM2-135M-Instruct Q4_1 (the demo GGUF) with th
 count, context per slot and threads (``llama-server -t 2 -tb 2 -np SLOTS -c SLOTS*CTX``;
 ``mrs-server --max-seqs SLOTS --max-seq-len CTX``), then at each client count sends the
 same chat requests (different prompts, temperature 0.8, a seed each, end tokens ignored
-so every request makes ``--max-tokens`` tokens), streamed and not. Each client sends
-``--rounds`` requests one after the other. Prints one table: aggregate completion tok/s
+so every request makes ``--max-tokens`` tokens), streamed and not. Each client sends its
+requests one after the other, enough rounds for ``--min-requests`` per level. Prints one table: aggregate completion tok/s
 (wall time from the first request sent to the last answer), time to first token and
 inter-token latency (gaps between streamed content chunks, as vLLM's benchmark_serving
 measures them) at p50/p95 per server, and mrs / llama-server; then each server's time

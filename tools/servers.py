@@ -24,7 +24,6 @@ def free_port() -> int:
 class Running:
     url: str
     ready_s: float  # from starting the process to the first 200 from /health
-    pid: int
 
 
 @contextlib.contextmanager
@@ -47,7 +46,7 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{command[0]} not healthy after {timeout_s:.0f} s")
             time.sleep(0.2)
-        yield Running(url, time.perf_counter() - begin, proc.pid)
+        yield Running(url, time.perf_counter() - begin)
     except BaseException:
         print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]),
               file=sys.stderr)
