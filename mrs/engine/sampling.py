@@ -16,7 +16,8 @@ gets the same tokens whatever else shares the batch and whichever filtering bran
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,7 @@ def _unsortable(key: Array) -> Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _bisect(keys: Array, satisfied: Any, lowest: bool) -> Array:
+def _bisect(keys: Array, satisfied: Callable[[Array], Array], lowest: bool) -> Array:
     """Per row, the lowest (or highest) uint32 key in the row's range where ``satisfied(t [B])``
     holds, for a predicate monotone in ``t``: 32 halvings of a 32-bit range."""
     lo, hi = keys.min(-1), keys.max(-1)
@@ -164,20 +165,35 @@ def _bisect(keys: Array, satisfied: Any, lowest: bool) -> Array:
     return hi if lowest else lo
 
 
-def _full_threshold(scaled: Array, sp: SlotSampling) -> Array:
+def _unbounded(rows: int) -> Array:
+    """A threshold ``[rows, 1]`` that keeps every token."""
+    return jnp.full((rows, 1), -jnp.inf, jnp.float32)
+
+
+def _full_threshold(scaled: Array, sp: SlotSampling, width: int) -> Array:
     """The threshold over the whole vocabulary, by bisection instead of a sort: the
-    top_k-th largest logit, then the lowest logit whose higher-ranked mass within top_k
-    stays below top_p, and min_p's bound. (``tools/bench_sampling.py``, 32 slots with
-    top_p 0.9: 38 ms a call, 575 ms with the sort.)"""
+    top_k-th largest logit (for a top_k above ``width``), then the lowest logit whose
+    higher-ranked mass within top_k stays below top_p, and min_p's bound. Each bisection
+    runs only when some slot needs it. (``tools/bench_sampling.py``, 32 slots with top_p
+    0.9: 38 ms a call, 575 ms with the sort.)"""
+    rows = scaled.shape[0]
     keys = _sortable(scaled)
-    k = sp.top_k[:, None]
-    kth = _bisect(keys, lambda t: jnp.sum(keys >= t[:, None], -1) >= k[:, 0], lowest=False)
-    by_k = jnp.where(k > 0, _unsortable(kth)[:, None], -jnp.inf)
+    k = sp.top_k
+
+    def kth_largest() -> Array:
+        kth = _bisect(keys, lambda t: jnp.sum(keys >= t[:, None], -1) >= k, lowest=False)
+        return jnp.where(k[:, None] > 0, _unsortable(kth)[:, None], -jnp.inf)
+
+    by_k = jax.lax.cond(jnp.any(k > width), kth_largest, lambda: _unbounded(rows))
     top = jnp.max(scaled, axis=-1, keepdims=True)
-    weights = jnp.where(scaled >= by_k, jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-    mass = sp.top_p[:, None] * weights.sum(-1, keepdims=True)
-    nucleus = _bisect(keys, lambda t: jnp.sum(jnp.where(keys > t[:, None], weights, 0.0), -1) < mass[:, 0], lowest=True)
-    by_p = jnp.where(sp.top_p[:, None] < 1, _unsortable(nucleus)[:, None], -jnp.inf)
+
+    def nucleus() -> Array:
+        weights = jnp.where(scaled >= by_k, jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+        mass = sp.top_p * weights.sum(-1)
+        least = _bisect(keys, lambda t: jnp.sum(jnp.where(keys > t[:, None], weights, 0.0), -1) < mass, lowest=True)
+        return jnp.where(sp.top_p[:, None] < 1, _unsortable(least)[:, None], -jnp.inf)
+
+    by_p = jax.lax.cond(jnp.any(sp.top_p < 1), nucleus, lambda: _unbounded(rows))
     by_min_p = jnp.where(sp.min_p[:, None] > 0, top + jnp.log(jnp.maximum(sp.min_p[:, None], 1e-30)), -jnp.inf)
     return jnp.maximum(jnp.maximum(by_k, by_p), by_min_p)
 
@@ -190,15 +206,12 @@ def keep_threshold(scaled: Array, sp: SlotSampling) -> Array:
     at most ``CANDIDATES`` (the usual 20-50) needs only its ``lax.top_k`` candidates;
     the others (top_p or min_p alone, or a larger top_k) bisect over the vocabulary.
     """
-    width = min(CANDIDATES, scaled.shape[-1])
+    rows, width = scaled.shape[0], min(CANDIDATES, scaled.shape[-1])
     few = (sp.top_k > 0) & (sp.top_k <= width)
-    within = _ranked_threshold(jax.lax.top_k(scaled, width)[0], sp)
     filtering = (sp.top_k > 0) | (sp.top_p < 1) | (sp.min_p > 0)
-    wide = jax.lax.cond(
-        jnp.any(filtering & ~few),
-        lambda: _full_threshold(scaled, sp),
-        lambda: jnp.full((scaled.shape[0], 1), -jnp.inf, jnp.float32),
-    )
+    within = jax.lax.cond(jnp.any(few), lambda: _ranked_threshold(jax.lax.top_k(scaled, width)[0], sp),
+                          lambda: _unbounded(rows))
+    wide = jax.lax.cond(jnp.any(filtering & ~few), lambda: _full_threshold(scaled, sp, width), lambda: _unbounded(rows))
     return jnp.where(few[:, None], within, wide)
 
 
@@ -248,11 +261,7 @@ def _draw(logits: Array, sp: SlotSampling, step: Array) -> Array:
     temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
     scaled = logits / temperature
     filtering = (sp.temperature > 0) & ((sp.top_k > 0) | (sp.top_p < 1) | (sp.min_p > 0))
-    threshold = jax.lax.cond(
-        jnp.any(filtering),
-        lambda: keep_threshold(scaled, sp),
-        lambda: jnp.full((logits.shape[0], 1), -jnp.inf, jnp.float32),
-    )
+    threshold = jax.lax.cond(jnp.any(filtering), lambda: keep_threshold(scaled, sp), lambda: _unbounded(logits.shape[0]))
     # A slot without filters keeps every token whichever branch ran, so its draw never
     # depends on its neighbours' parameters.
     threshold = jnp.where(filtering[:, None], threshold, -jnp.inf)
