@@ -253,9 +253,9 @@ def test_quantize_params_quantizes_linear_weights_only() -> None:
     assert with_tables["lm_head"]["weight"].fmt == "Q4_0"
 
     # The quantized model runs and stays close to the float one.
-    from mrs.models.llama import LlamaForCausalLM
+    from mrs.models.decoder import DecoderForCausalLM
 
-    model = LlamaForCausalLM(config)
+    model = DecoderForCausalLM(config)
     tokens = jnp.asarray([[1, 5, 9, 33, 2]], jnp.int32)
     positions = jnp.arange(5, dtype=jnp.int32)[None]
     run = jax.jit(lambda p: model.apply({"params": p}, tokens, positions, init_cache(config, 1, 8))[0])

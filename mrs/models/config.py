@@ -35,6 +35,12 @@ class ModelConfig:
     rope_linear_factor: float | None = None
     rope_local_theta: float | None = None  # gemma3: base for sliding layers
     attention_bias: bool = False  # q/k/v biases (qwen2)
+    output_bias: bool = False  # o_proj bias (gemma3's follows attention_bias)
+    # Rotary-decoder flags (mrs.models.decoder): gemma3 sets all four.
+    qk_norm: bool = False  # RMSNorm of q and k per head before RoPE
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight)
+    sandwich_norms: bool = False  # post-attention, pre- and post-feedforward norms
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer SLIDING or FULL; empty means all FULL
     query_pre_attn_scalar: float | None = None  # softmax scale is this ** -0.5 when set

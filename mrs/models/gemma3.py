@@ -1,4 +1,5 @@
-"""Gemma 3 text (``Gemma3ForCausalLM``, and the text tower of ``Gemma3ForConditionalGeneration``).
+"""Gemma 3 text (``Gemma3ForCausalLM``, and the text tower of ``Gemma3ForConditionalGeneration``),
+on the shared rotary decoder (``mrs.models.decoder``) with all its Gemma flags set.
 
 Differences from llama that matter for parity with HF transformers:
 - layers alternate sliding-window and global attention (``config.layer_types``),
@@ -16,101 +17,7 @@ Differences from llama that matter for parity with HF transformers:
 
 from __future__ import annotations
 
-import math
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
 from mrs.models.config import FULL, SLIDING, ModelConfig
-from mrs.models.layers import (
-    CausalLM,
-    Embedding,
-    GatedMLP,
-    KVCache,
-    Linear,
-    RMSNorm,
-    Stage,
-    apply_rope,
-    cached_attention,
-    layer_window,
-    rope_inv_freq,
-    run_stage,
-    stage_layers,
-)
-
-Array = jax.Array
-
-
-class Attention(nn.Module):
-    config: ModelConfig
-    layer: int
-
-    @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: tuple[Array, Array], kv_len: int | None):
-        c = self.config
-        batch, steps, _ = x.shape
-        q = Linear(c.attention_bias, name="q_proj")(x).reshape(batch, steps, c.num_heads, c.head_dim)
-        k = Linear(c.attention_bias, name="k_proj")(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
-        v = Linear(c.attention_bias, name="v_proj")(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
-        q = RMSNorm(c.norm_eps, unit_offset=True, name="q_norm")(q)
-        k = RMSNorm(c.norm_eps, unit_offset=True, name="k_norm")(k)
-        sliding = c.layer_type(self.layer) == SLIDING
-        if sliding:
-            inv_freq = rope_inv_freq(c, c.rope_local_theta or c.rope_theta, scaled=False)
-        else:
-            inv_freq = rope_inv_freq(c, c.rope_theta, scaled=True)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        scalar = c.query_pre_attn_scalar or c.head_dim
-        out, cache = cached_attention(
-            q, k, v, cache, positions,
-            scale=scalar**-0.5, window=layer_window(c, self.layer),
-            softcap=c.attn_logit_softcapping, kv_len=kv_len,
-        )
-        return Linear(c.attention_bias, name="o_proj")(out), cache
-
-
-class DecoderLayer(nn.Module):
-    config: ModelConfig
-    layer: int
-
-    @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: tuple[Array, Array], kv_len: int | None):
-        c = self.config
-
-        def norm(name: str) -> RMSNorm:
-            return RMSNorm(c.norm_eps, unit_offset=True, name=name)
-
-        h, cache = Attention(c, self.layer, name="self_attn")(norm("input_layernorm")(x), positions, cache, kv_len)
-        x = x + norm("post_attention_layernorm")(h)
-        h = GatedMLP(c, name="mlp")(norm("pre_feedforward_layernorm")(x))
-        x = x + norm("post_feedforward_layernorm")(h)
-        return x, cache
-
-
-class Gemma3Model(nn.Module):
-    config: ModelConfig
-    stage: Stage = None
-
-    @nn.compact
-    def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None):
-        c = self.config
-        layers = stage_layers(c, self.stage)
-        embed = Embedding(c.jnp_dtype, name="embed_tokens")
-        # HF casts the scale to the weight dtype before multiplying; do the same.
-        x = embed(inputs) * jnp.asarray(math.sqrt(c.hidden_size), c.jnp_dtype) if layers.start == 0 else inputs
-        x, new_cache = run_stage(lambda i: DecoderLayer(c, i, name=f"layers_{i}"), layers, x, positions, cache, kv_len)
-        if layers.stop == c.num_layers:
-            x = RMSNorm(c.norm_eps, unit_offset=True, name="norm")(x)
-        return x, embed, new_cache
-
-
-class Gemma3ForCausalLM(CausalLM):
-    """Gemma 3 text (call contract: ``mrs.models.layers.CausalLM``)."""
-
-    def backbone(self) -> nn.Module:
-        return Gemma3Model(self.config, self.stage, name="model")
-
 
 # Tensor-name prefixes of the multimodal checkpoint's text tower, mapped to ours.
 HF_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -180,6 +87,11 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
         rope_linear_factor=linear_factor,
         rope_local_theta=float(local.get("rope_theta", 10_000.0)),
         attention_bias=bool(hf.get("attention_bias", False)),
+        output_bias=bool(hf.get("attention_bias", False)),
+        qk_norm=True,
+        norm_unit_offset=True,
+        sandwich_norms=True,
+        embed_scale=True,
         sliding_window=hf.get("sliding_window", 4096),
         layer_types=_layer_types(hf, layers),
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),

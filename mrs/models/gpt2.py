@@ -24,16 +24,14 @@ import jax.numpy as jnp
 from mrs.models.config import ModelConfig
 from mrs.models.layers import (
     ACTIVATIONS,
+    Backbone,
     CausalLM,
+    Context,
     Embedding,
-    KVCache,
     LayerNorm,
     Linear,
-    Stage,
     cached_attention,
     dense_weight,
-    run_stage,
-    stage_layers,
     weight,
 )
 
@@ -52,13 +50,14 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: tuple[Array, Array], kv_len: int | None):
+    def __call__(self, x: Array, cache: tuple[Array, Array], context: Context):
         c = self.config
         batch, steps, _ = x.shape
         qkv = Linear(True, name="c_attn")(x).reshape(batch, steps, 3, c.num_heads, c.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-        out, cache = cached_attention(q, k, v, cache, positions, scale=scale, window=None, kv_len=kv_len)
+        out, cache = cached_attention(q, k, v, cache, context.positions, scale=scale, window=None,
+                                      kv_len=context.kv_len, spans=context.spans)
         return Linear(True, name="c_proj")(out), cache
 
 
@@ -75,9 +74,9 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: tuple[Array, Array], kv_len: int | None):
+    def __call__(self, x: Array, cache: tuple[Array, Array], context: Context):
         c = self.config
-        h, cache = Attention(c, name="attn")(LayerNorm(c.norm_eps, name="ln_1")(x), positions, cache, kv_len)
+        h, cache = Attention(c, name="attn")(LayerNorm(c.norm_eps, name="ln_1")(x), cache, context)
         x = x + h
         x = x + MLP(c, name="mlp")(LayerNorm(c.norm_eps, name="ln_2")(x))
         return x, cache
@@ -92,20 +91,18 @@ class PositionEmbedding(nn.Module):
         return jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
 
 
-class GPT2Model(nn.Module):
-    config: ModelConfig
-    stage: Stage = None
+class GPT2Model(Backbone):
+    def token_embedding(self) -> Embedding:
+        return Embedding(self.config.jnp_dtype, name="wte")
 
-    @nn.compact
-    def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None):
-        c = self.config
-        layers = stage_layers(c, self.stage)
-        wte = Embedding(c.jnp_dtype, name="wte")
-        x = wte(inputs) + PositionEmbedding(c.jnp_dtype, name="wpe")(positions) if layers.start == 0 else inputs
-        x, new_cache = run_stage(lambda i: Block(c, name=f"h_{i}"), layers, x, positions, cache, kv_len)
-        if layers.stop == c.num_layers:
-            x = LayerNorm(c.norm_eps, name="ln_f")(x)
-        return x, wte, new_cache
+    def embed(self, table: Embedding, tokens: Array, positions: Array) -> Array:
+        return table(tokens) + PositionEmbedding(self.config.jnp_dtype, name="wpe")(positions)
+
+    def layer(self, index: int) -> nn.Module:
+        return Block(self.config, name=f"h_{index}")
+
+    def final_norm(self) -> nn.Module:
+        return LayerNorm(self.config.norm_eps, name="ln_f")
 
 
 class GPT2LMHeadModel(CausalLM):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,28 @@ Stage = tuple[int, int] | None
 
 # Padding tokens get this position: far past any cache, so their writes drop.
 PAD_POSITION = np.iinfo(np.int32).max // 2
+
+
+class Injected(NamedTuple):
+    """Inputs beyond token ids for a prefill chunk (a vision model's image features).
+
+    ``embeds [B, T, H]`` replace the token embeddings where ``mask [B, T]`` is set. A
+    query at ``[b, t]`` also sees the keys at positions ``[span_start, span_end)`` besides
+    its causal ones (Gemma 3's bidirectional attention among one image's tokens; an
+    empty span, start == end, adds nothing).
+    """
+
+    embeds: Array
+    mask: Array
+    span_start: Array
+    span_end: Array
+
+
+def inject(x: Array, injected: Injected | None) -> Array:
+    """Token embeddings ``x [B, T, H]`` with the injected ones in place."""
+    if injected is None:
+        return x
+    return jnp.where(injected.mask[..., None], injected.embeds.astype(x.dtype), x)
 
 
 def weight(module: nn.Module, name: str) -> Any:
@@ -175,6 +197,7 @@ def cached_attention(
     window: int | None,
     softcap: float | None = None,
     kv_len: int | None = None,
+    spans: tuple[Array, Array] | None = None,
 ) -> tuple[Array, tuple[Array, Array]]:
     """One layer's attention through its KV cache: writes the new ``k``/``v`` ``[b, T, Hkv, D]``
     at ``positions [b, T]``, then attends ``q [b, T, H, D]``; returns ``[b, T, H * D]`` and the cache.
@@ -185,6 +208,7 @@ def cached_attention(
     first ``kv_len`` cache rows, so a step over short sequences does not read the whole
     cache. ``b <= B``: a step may run only the first ``b`` slots (the engine's decode does
     when the others are idle); the remaining slots are left as they are.
+    ``spans`` (``Injected.span_start/span_end``) widen each query's view beyond causality.
     A decode step (``T == 1``) on CPU reads the cache in place through the native kernel.
     """
     batch_ids = jnp.arange(k.shape[0])[:, None]
@@ -194,10 +218,10 @@ def cached_attention(
     kv_len = min(kv_len or v_cache.shape[2], v_cache.shape[2])
     args = (q, k_cache, v_cache, positions)
     options = dict(scale=scale, window=window, softcap=softcap, kv_len=kv_len)
-    if q.shape[1] == 1 and _native_decode_ok(q, k_cache, v_cache) and native.enabled():
+    if q.shape[1] == 1 and spans is None and _native_decode_ok(q, k_cache, v_cache) and native.enabled():
         out = native.cpu_or_xla(partial(_native_decode, **options), partial(_attend, **options), *args)
     else:
-        out = _attend(*args, **options)
+        out = _attend(*args, **options, spans=spans)
     return out, (k_cache, v_cache)
 
 
@@ -215,7 +239,7 @@ def _native_decode(q: Array, k_cache: Array, v_cache: Array, positions: Array, *
 
 
 def _attend(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale: float, window: int | None,
-            softcap: float | None, kv_len: int) -> Array:
+            softcap: float | None, kv_len: int, spans: tuple[Array, Array] | None = None) -> Array:
     batch, steps, heads, dim = q.shape
     # The first kv_len rows of the first slots (those with queries).
     k_cache, v_cache = k_cache[:batch, ..., :kv_len], v_cache[:batch, :, :kv_len]
@@ -229,6 +253,8 @@ def _attend(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale
     valid = key_pos <= query_pos
     if window is not None:
         valid &= key_pos > query_pos - window
+    if spans is not None:  # HF ORs the image's bidirectional mask into the causal and sliding ones
+        valid |= (key_pos >= spans[0][:, :, None]) & (key_pos < spans[1][:, :, None])
     # A finite floor keeps padding queries (which see no key) free of NaN.
     scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
@@ -255,25 +281,60 @@ def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = N
     return tuple((jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in stage_layers(config, stage))
 
 
-def run_stage(
-    layer: Callable[[int], nn.Module], layers: range, x: Array, positions: Array, cache: KVCache, kv_len: int | None
-) -> tuple[Array, KVCache]:
-    """Run decoder layers ``layers`` (one stage) over ``x``; ``layer(i)`` builds layer ``i``.
+class Context(NamedTuple):
+    """What every decoder layer of one step shares besides its input and its cache:
+    the tokens' ``positions [B, T]``, the static ``kv_len`` and the attention ``spans``."""
 
-    Call it from a compact ``__call__``, so the layers become that module's submodules.
-    """
-    new_cache = []
-    for i in layers:
-        x, layer_cache = layer(i)(x, positions, cache[i - layers.start], kv_len)
-        new_cache.append(layer_cache)
-    return x, tuple(new_cache)
+    positions: Array
+    kv_len: int | None
+    spans: tuple[Array, Array] | None = None
+
+
+class Backbone(nn.Module):
+    """Embed (first stage: with the injected embeddings in place) -> the stage's decoder
+    layers -> the final norm (last stage only): ``(inputs, positions, cache, kv_len,
+    injected) -> (hidden, token embedding, cache)``. A family names its parts below;
+    they are built inside ``__call__``, so they become this module's submodules."""
+
+    config: ModelConfig
+    stage: Stage = None
+
+    def token_embedding(self) -> Embedding:
+        """The token table (a tied LM head reads it too)."""
+        raise NotImplementedError
+
+    def embed(self, table: Embedding, tokens: Array, positions: Array) -> Array:
+        return table(tokens)
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index``: ``(x, cache, context) -> (x, cache)``."""
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None,
+                 injected: Injected | None = None) -> tuple[Array, Embedding, KVCache]:
+        layers = stage_layers(self.config, self.stage)
+        table = self.token_embedding()
+        x = inject(self.embed(table, inputs, positions), injected) if layers.start == 0 else inputs
+        context = Context(positions, kv_len, None if injected is None else (injected.span_start, injected.span_end))
+        new_cache = []
+        for i in layers:
+            x, layer_cache = self.layer(i)(x, cache[i - layers.start], context)
+            new_cache.append(layer_cache)
+        if layers.stop == self.config.num_layers:
+            x = self.final_norm()(x)
+        return x, table, tuple(new_cache)
 
 
 class CausalLM(nn.Module):
     """``(tokens [B,T], positions [B,T], cache) -> (float32 logits, cache)``, for every family.
 
     ``logits_at [B]`` keeps only those time steps (logits ``[B, V]``); ``kv_len``
-    (static) bounds the cache rows attention reads. ``stage`` (num_device_layers)
+    (static) bounds the cache rows attention reads; ``injected`` (a vision prefill) puts
+    embeddings at marked positions, see ``Injected``. ``stage`` (num_device_layers)
     runs only those decoder layers, see ``stage_layers``. A family subclasses this
     and names its decoder stack in ``backbone``.
     """
@@ -282,7 +343,7 @@ class CausalLM(nn.Module):
     stage: Stage = None
 
     def backbone(self) -> nn.Module:
-        """The family's decoder stack: ``(inputs, positions, cache, kv_len) -> (hidden, embedding, cache)``."""
+        """The family's decoder stack: ``(inputs, positions, cache, kv_len, injected) -> (hidden, embedding, cache)``."""
         raise NotImplementedError
 
     @nn.compact
@@ -293,8 +354,9 @@ class CausalLM(nn.Module):
         cache: KVCache,
         logits_at: Array | None = None,
         kv_len: int | None = None,
+        injected: Injected | None = None,
     ):
-        hidden, embed, cache = self.backbone()(tokens, positions, cache, kv_len)
+        hidden, embed, cache = self.backbone()(tokens, positions, cache, kv_len, injected)
         return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
 
 

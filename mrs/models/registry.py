@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mrs.models import gemma3, gpt2, llama
 from mrs.models.config import ModelConfig
+from mrs.models.decoder import DecoderForCausalLM
 from mrs.models.layers import ACTIVATIONS, Stage, init_cache
 from mrs.models.params import nest
 
@@ -42,10 +43,10 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
-    "llama": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
-    "mistral": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
-    "qwen2": Arch(llama.LlamaForCausalLM, llama.config_from_hf),
-    "gemma3": Arch(gemma3.Gemma3ForCausalLM, gemma3.config_from_hf, _gemma3_tensor),
+    "llama": Arch(DecoderForCausalLM, llama.config_from_hf),
+    "mistral": Arch(DecoderForCausalLM, llama.config_from_hf),
+    "qwen2": Arch(DecoderForCausalLM, llama.config_from_hf),
+    "gemma3": Arch(DecoderForCausalLM, gemma3.config_from_hf, _gemma3_tensor),
     "gpt2": Arch(gpt2.GPT2LMHeadModel, gpt2.config_from_hf, gpt2.hf_tensor, gpt2.FALLBACK_CHAT_TEMPLATE,
                  embeddings=("wte", "wpe")),
 }
@@ -96,12 +97,12 @@ def detect_arch(hf: dict) -> str:
 
 def config_from_hf(arch: str, hf: dict, dtype: str = "float32") -> ModelConfig:
     """The arch's config mapper, with the checks every family shares."""
-    module = get_arch(arch).module
+    mapper = get_arch(arch).config_from_hf
     described = _known_arch(hf)
-    if described is not None and ARCHS[described].module is not module:
+    if described is not None and ARCHS[described].config_from_hf is not mapper:
         # e.g. -a gpt2 on a llama directory: say so instead of listing missing tensors
         raise ValueError(f"config.json describes a {described!r} model, which arch {arch!r} cannot load")
-    config = get_arch(arch).config_from_hf(hf, dtype=dtype)
+    config = mapper(hf, dtype=dtype)
     if config.hidden_activation not in ACTIVATIONS:
         raise ValueError(
             f"{arch}: unsupported activation {config.hidden_activation!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
