@@ -5,6 +5,7 @@
     pipe.chat([{"role": "user", "content": "Hi!"}]).text
     pipe.chat(messages, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}})
     pipe.chat(messages, tools=[{"type": "function", "function": {...}}], tool_choice="required").tool_calls
+    vlm.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is it?"}]}])
     pipe.generate("Answer yes or no:", grammar={"type": "regex", "value": "(yes|no)"})
 
 There is one code path: every call is a request to the model's engine (so a list of
@@ -23,6 +24,7 @@ from mrs.engine.engine import Engine
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta, TokenLogprob
 from mrs.errors import ConfigError, InvalidRequest
+from mrs.images import ImageLimits, take_images, text_only
 from mrs.loading.chat_template import render_chat
 from mrs.loading.checkpoint import Checkpoint
 from mrs.models.config import ModelConfig
@@ -33,6 +35,18 @@ from mrs.tools import Tool, ToolCall, calls_enabled, finish_reason, parse_reply,
 DEFAULT_ENGINE = EngineConfig(max_batch=4, max_seq_len=512, max_queue=64, prefill_buckets=[64, 256])
 
 Prompt = str | list[int]
+
+
+@dataclass
+class PreparedPrompt:
+    """Token ids for the engine, and a vision model's preprocessed images (float32 [N, C, S, S])."""
+
+    ids: list[int]
+    pixel_values: Any = None
+
+    def request(self, sampling: SamplingParams, request_id: str | None = None) -> GenerationRequest:
+        named = {} if request_id is None else {"request_id": request_id}
+        return GenerationRequest(self.ids, sampling, pixel_values=self.pixel_values, **named)
 
 
 @dataclass
@@ -123,13 +137,38 @@ class Pipeline:
             raise InvalidRequest(f"{param}: token ids must be in [0, {vocab}); got {bad}", param=param)
         return self.tokenizer.decode(ids)
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[Tool] | None = None, **template: Any) -> list[int]:
-        """OpenAI-shaped messages (tool calls and results included) through the chat template;
-        ``template`` passes e.g. ``add_generation_prompt`` / ``continue_final_message``."""
+    @property
+    def takes_images(self) -> bool:
+        return self.checkpoint.vision is not None
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[Tool] | None = None,
+                    image_limits: ImageLimits = ImageLimits(), **template: Any) -> list[int]:
+        """The prompt ids of ``prepare_chat``."""
+        return self.prepare_chat(messages, tools, image_limits, **template).ids
+
+    def prepare_chat(self, messages: list[dict[str, Any]], tools: list[Tool] | None = None,
+                     image_limits: ImageLimits = ImageLimits(), **template: Any) -> PreparedPrompt:
+        """OpenAI-shaped messages (tool calls and results, image parts included) through the chat
+        template, and a vision model's images through its processor (``mrs.images`` loads them
+        within ``image_limits``); ``template`` passes e.g. ``add_generation_prompt``."""
+        messages, images = take_images(messages, image_limits)
+        vision = self.checkpoint.vision
+        if images and vision is None:
+            raise InvalidRequest(f"messages: model {self.entry.model_id!r} does not take images (a text-only model)",
+                                 param="messages")
+        if vision is None:
+            messages = text_only(messages)
         messages, template_tools = prompt_messages(messages, tools or [], self.checkpoint.chat_template)
         text = render_chat(self.checkpoint.chat_template, messages, self.tokenizer, model_id=self.entry.model_id,
                            tools=template_tools, **template)
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+        if vision is None:
+            return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=False))  # the template writes BOS
+        if len(images) > vision.spec.max_images:
+            raise InvalidRequest(f"messages: {len(images)} images in one request; model {self.entry.model_id!r} "
+                                 f"takes at most {vision.spec.max_images}", param="messages")
+        out = vision.processor(text=text, images=images or None, add_special_tokens=False, return_tensors="np")
+        pixels = out.get("pixel_values") if images else None
+        return PreparedPrompt(out["input_ids"][0].tolist(), None if pixels is None else pixels.astype("float32"))
 
     def generate(self, prompt: Prompt | list[Prompt], *, max_tokens: int = 64, temperature: float = 0.0,
                  response_format: Any = None, grammar: Any = None,
@@ -143,8 +182,8 @@ class Pipeline:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                 grammar=output_grammar(response_format, grammar), **sampling)
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            return self._run_all([self.encode(p) for p in prompt], params)
-        return self._run_all([self.encode(prompt)], params)[0]
+            return self._run_all([PreparedPrompt(self.encode(p)) for p in prompt], params)
+        return self._run_all([PreparedPrompt(self.encode(prompt))], params)[0]
 
     def chat(self, messages: list[dict[str, Any]], *, max_tokens: int = 64, temperature: float = 0.0,
              response_format: Any = None, grammar: Any = None, tools: list[Any] | None = None,
@@ -158,7 +197,7 @@ class Pipeline:
         choice = choice or ("auto" if parsed else None)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling,
                                 grammar=reply_grammar(parsed, choice, parallel_tool_calls, response_format, grammar))
-        result = self._run_all([self.encode_chat(messages, parsed if calls_enabled(parsed, choice) else None)], params)[0]
+        result = self._run_all([self.prepare_chat(messages, parsed if calls_enabled(parsed, choice) else None)], params)[0]
         if calls_enabled(parsed, choice):
             content, calls = parse_reply(result.text)
             if calls:
@@ -177,10 +216,10 @@ class Pipeline:
             elif isinstance(event, Finish) and event.reason == "error":
                 raise RuntimeError(f"generation failed: {event.error}") from event.error
 
-    def _run_all(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+    def _run_all(self, prompts: list[PreparedPrompt], params: SamplingParams) -> list[GenerationResult]:
         begin = time.perf_counter()
-        streams = [self.engine.submit(GenerationRequest(ids, params)) for ids in prompts]
-        return [self._collect(ids, stream, begin) for ids, stream in zip(prompts, streams)]
+        streams = [self.engine.submit(prompt.request(params)) for prompt in prompts]
+        return [self._collect(prompt.ids, stream, begin) for prompt, stream in zip(prompts, streams)]
 
     @staticmethod
     def _collect(prompt_ids: list[int], stream: Any, begin: float) -> GenerationResult:

@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("-t", "--tok-model-id", help="where the tokenizer comes from (default: GGUF metadata)")
     _model_options(gguf, suppress=True)
 
-    vision = sub.add_parser("vision-plain", help="a vision model (not supported yet)")
-    vision.add_argument("-m", "--model-id", required=True)
-    vision.add_argument("-a", "--arch")
+    vision = sub.add_parser("vision-plain", help="a Hugging Face layout vision model (text and image chats)")
+    vision.add_argument("-m", "--model-id", required=True, help="hub repo id or local directory")
+    vision.add_argument("-a", "--arch", help="architecture: gemma3 (default: from config.json)")
+    vision.add_argument("-t", "--tok-model-id", help="where the tokenizer comes from (default: the model)")
     _model_options(vision, suppress=True)
     return parser
 
@@ -108,6 +109,12 @@ def _access_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-prompt-tokens", type=int, metavar="N", help="cap on a request's prompt tokens")
     group.add_argument("--request-timeout", type=float, metavar="S",
                        help="end a generation still running after S seconds with an error (default: none)")
+    group.add_argument("--max-image-size", default=ServerConfig.max_image_size,
+                       help="cap on one image's bytes in a chat message (default %(default)s)")
+    group.add_argument("--image-fetch-timeout", type=float, default=ServerConfig.image_fetch_timeout_s, metavar="S",
+                       help="timeout for fetching an http(s) image URL (default %(default)s s)")
+    group.add_argument("--allowed-local-media-path", metavar="DIR",
+                       help="let file:// image URLs read files below DIR (default: file:// URLs are refused)")
     group.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     group.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
     life = parser.add_argument_group("model lifecycle")
@@ -145,7 +152,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     elif args.command:
         models = [_single_entry(args)]
     else:
-        raise ConfigError("choose a model: a subcommand (plain, gguf) or --multi-model --multi-model-config FILE")
+        raise ConfigError("choose a model: a subcommand (plain, gguf, vision-plain) or --multi-model "
+                          "--multi-model-config FILE")
     engine = EngineConfig(
         max_batch=args.max_seqs, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
         warmup=not args.no_warmup,
@@ -160,7 +168,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens,
             request_timeout_s=args.request_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
             autoload=not args.no_autoload, keep_alive=args.keep_alive, max_loaded_models=args.max_loaded_models,
-            max_memory=args.max_memory, load_timeout_s=args.load_timeout,
+            max_memory=args.max_memory, load_timeout_s=args.load_timeout, max_image_size=args.max_image_size,
+            image_fetch_timeout_s=args.image_fetch_timeout, allowed_local_media_path=args.allowed_local_media_path,
         ),
         engine=engine,
         models=models,

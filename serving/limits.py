@@ -1,13 +1,16 @@
 """The server's own caps on a request (``server.max_tokens_limit``, ``max_n``,
-``max_prompt_tokens``, ``request_timeout_s``), on top of the model's limits."""
+``max_prompt_tokens``, ``request_timeout_s``, the image limits), on top of the model's limits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from mrs.config.schema import ServerConfig
+from mrs.config.units import parse_size
 from mrs.engine.types import SamplingParams
 from mrs.errors import InvalidRequest
+from mrs.images import ImageLimits
 
 
 @dataclass(frozen=True)
@@ -16,10 +19,14 @@ class Limits:
     max_n: int | None = None
     max_prompt_tokens: int | None = None
     timeout_s: float | None = None
+    images: ImageLimits = field(default_factory=lambda: ImageLimits(local_root=False))
 
     @classmethod
     def from_config(cls, server: ServerConfig) -> "Limits":
-        return cls(server.max_tokens_limit, server.max_n, server.max_prompt_tokens, server.request_timeout_s)
+        local = Path(server.allowed_local_media_path) if server.allowed_local_media_path else False
+        images = ImageLimits(max_bytes=parse_size(server.max_image_size, "max_image_size"),
+                             fetch_timeout_s=server.image_fetch_timeout_s, local_root=local)
+        return cls(server.max_tokens_limit, server.max_n, server.max_prompt_tokens, server.request_timeout_s, images)
 
     def apply(self, sampling: SamplingParams, prompt_tokens: int, prompt_param: str) -> None:
         """Refuse what is over a cap (400 naming the field); a request without max_tokens gets the cap."""

@@ -115,6 +115,16 @@ class TextPart(_Request):
     text: str
 
 
+class ImageURL(_Request):
+    url: str  # data:image/...;base64,..., http(s):// or file:// (mrs.images)
+    detail: Literal["auto", "low", "high"] = "auto"  # only auto is honoured: mrs.images refuses the others
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Request):
     name: str
     arguments: str  # JSON text
@@ -128,7 +138,7 @@ class AssistantToolCall(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[AssistantToolCall] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # tool turns: the call this is the result of
@@ -136,15 +146,19 @@ class ChatMessage(_Request):
     audio: Annotated[Any, _refused("audio")] = None
     function_call: Annotated[Any, _refused("function_call is deprecated; use tool_calls")] = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+    def content_value(self) -> str | list[dict[str, Any]]:
+        """The text, or the list of parts when there is an image among them (``mrs.images``)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        if any(isinstance(part, ImagePart) for part in self.content):
+            return [part.model_dump() for part in self.content]
+        return "".join(part.text for part in self.content)
 
     def openai(self) -> dict[str, Any]:
         """The message as ``mrs.tools.prompt_messages`` takes it (``developer`` is OpenAI's new ``system``)."""
         return {
-            "role": "system" if self.role == "developer" else self.role, "content": self.text(), "name": self.name,
+            "role": "system" if self.role == "developer" else self.role, "content": self.content_value(),
+            "name": self.name,
             "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None,
             "tool_call_id": self.tool_call_id,
         }

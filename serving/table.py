@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mrs.config.schema import EngineConfig, ModelEntry, ServeConfig, ServerConfig, engine_for
+from mrs.config.schema import VISION_PLAIN, EngineConfig, ModelEntry, ServeConfig, ServerConfig, engine_for
 from mrs.config.units import parse_duration
 from mrs.config.validate import check_entry as check_fields, check_unique_ids
 from mrs.errors import ConfigError, InvalidRequest, ModelExists, ModelNotFound, ModelUnavailable
 from mrs.loading.estimate import estimate_bytes
-from mrs.models.registry import ARCHS
+from mrs.models.registry import ARCHS, VISION_ARCHS
 from mrs.pipeline import Pipeline, load
 from serving.memory import MemoryBudget
 
@@ -77,6 +77,11 @@ class _Row:
     loading: concurrent.futures.Future | None = None  # the load in flight
     bytes: int | None = None  # measured once loaded (params + KV), else estimated before a load
     loaded_at: float = 0.0
+
+
+def capabilities(entry: ModelEntry) -> list[str]:
+    """What a model takes, Ollama's way: every model completes text; a VisionPlain one also reads images."""
+    return ["completion", "vision"] if entry.model.kind == VISION_PLAIN else ["completion"]
 
 
 class ModelTable:
@@ -222,7 +227,7 @@ class ModelTable:
             if row.status == LOADED and row.keep_alive_s is not FOREVER:
                 expires = None if row.leases else int(row.last_used + row.keep_alive_s)
             card = {"status": row.status, "pinned": row.pinned, "last_used": int(row.last_used),
-                    "expires_at": expires}
+                    "expires_at": expires, "capabilities": capabilities(row.entry)}
         if row.error:
             card["error"] = row.error
         memory = self.memory(model_id)
@@ -476,6 +481,9 @@ def check_entry(entry: ModelEntry) -> None:
             f"model {entry.model_id!r}: unsupported architecture {arch!r}; supported: {', '.join(sorted(ARCHS))}",
             param="arch",
         )
+    if entry.model.kind == VISION_PLAIN and arch is not None and arch not in VISION_ARCHS:
+        raise ConfigError(f"model {entry.model_id!r}: architecture {arch!r} has no vision model; vision "
+                          f"architectures: {', '.join(sorted(VISION_ARCHS))}", param="arch")
 
 
 def _describe(entry: ModelEntry) -> str:

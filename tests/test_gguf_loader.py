@@ -177,8 +177,8 @@ def test_tokenizer_and_template_from_tok_model_id(tiny) -> None:
 
 
 def test_kind_dispatch(tiny) -> None:
-    with pytest.raises(LoadError, match="vision-plain models are not supported yet"):
-        load_checkpoint(ModelEntry(model_id="v", model=ModelSource(kind=VISION_PLAIN, model_id="x")))
+    with pytest.raises(LoadError, match="VisionPlain model needs model.model_id"):
+        load_checkpoint(ModelEntry(model_id="v", model=ModelSource(kind=VISION_PLAIN)))
     with pytest.raises(ConfigError, match="unknown model kind 'onnx'"):
         load_checkpoint(ModelEntry(model_id="o", model=ModelSource(kind="onnx")))
     with pytest.raises(ConfigError, match="a Gguf entry needs quantized_model_id"):

@@ -12,7 +12,7 @@ import pytest
 
 from mrs.config.hydra import model_preset, presets, serve_config
 from mrs.config.mistralrs import load_multi_model_config, parse_multi_model_config
-from mrs.config.schema import GGUF, PLAIN, ModelEntry
+from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry
 from mrs.errors import ConfigError
 from serving.cli import build_parser, serve_config_from_args
 
@@ -130,8 +130,8 @@ def test_seed_cli_multi_model(tmp_path: Path) -> None:
         _cli("--multi-model", "--multi-model-config", str(path), "--default-model-id", "nope")
     with pytest.raises(ConfigError, match="--multi-model needs --multi-model-config"):
         _cli("--multi-model")
-    with pytest.raises(ConfigError, match="not supported yet"):
-        _cli("vision-plain", "-m", "microsoft/kosmos-2-patch14-224", "-a", "kosmos")
+    vision = _cli("vision-plain", "-m", "google/gemma-3-4b-it", "-a", "gemma3").models[0]
+    assert (vision.model_id, vision.model.kind, vision.model.arch) == ("google/gemma-3-4b-it", VISION_PLAIN, "gemma3")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
@@ -142,7 +142,7 @@ def test_mrs_server_reports_errors_without_traceback(tmp_path: Path) -> None:
     bad = _write(tmp_path, [{"model_id": "a"}, {"model_id": "a"}])
     for argv, words in [
         (["--multi-model", "--multi-model-config", str(bad)], "duplicate model_id 'a'"),
-        (["vision-plain", "-m", "x", "-a", "y"], "not supported yet"),
+        (["vision-plain", "-m", "x", "-a", "llama"], "architecture 'llama' has no vision model"),
         (["plain", "-m", str(tmp_path), "-a", "nosuch"], "unsupported architecture 'nosuch'"),
     ]:
         result = _run("-m", "serving.cli", *argv)

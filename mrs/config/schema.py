@@ -77,6 +77,11 @@ class ServerConfig:
     max_n: int | None = None  # choices per request (the engine's slot count caps it anyway)
     max_prompt_tokens: int | None = None
     request_timeout_s: float | None = None  # a generation still running then ends with an error
+    # Images in chat messages (vision models): per-image size cap, http(s) fetch timeout,
+    # and the directory file:// URLs may read from (None: file:// URLs are refused).
+    max_image_size: str = "20MiB"
+    image_fetch_timeout_s: float = 10.0
+    allowed_local_media_path: str | None = None
     # TLS: both or neither
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None

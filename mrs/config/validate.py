@@ -49,10 +49,9 @@ def check_entry(entry: ModelEntry) -> None:
     """What can be wrong with one entry without touching its checkpoint."""
     where = f"model {entry.model_id!r}"
     kind = entry.model.kind
-    if kind == VISION_PLAIN:
-        raise ConfigError(f"{where}: vision models (VisionPlain / vision-plain) are not supported yet")
-    if kind == PLAIN and not entry.model.model_id:
-        raise ConfigError(f"{where}: Plain needs a model_id (hub repo or local path)", param="model_id")
+    if kind in (PLAIN, VISION_PLAIN) and not entry.model.model_id:
+        label = "Plain" if kind == PLAIN else "VisionPlain"
+        raise ConfigError(f"{where}: {label} needs a model_id (hub repo or local path)", param="model_id")
     if kind == GGUF and not entry.model.quantized_model_id:
         raise ConfigError(f"{where}: Gguf needs a quantized_model_id (hub repo, dir or file)",
                           param="quantized_model_id")
@@ -70,6 +69,13 @@ def check_server_config(server: ServerConfig) -> None:
     if not 0 < server.port < 65536:
         raise ConfigError(f"server.port {server.port} is not a TCP port", param="port")
     parse_size(server.max_body, "max_body")
+    parse_size(server.max_image_size, "max_image_size")
+    if not server.image_fetch_timeout_s > 0:
+        raise ConfigError(f"server.image_fetch_timeout_s must be > 0, got {server.image_fetch_timeout_s}",
+                          param="image_fetch_timeout_s")
+    if server.allowed_local_media_path is not None and not Path(server.allowed_local_media_path).is_dir():
+        raise ConfigError(f"server.allowed_local_media_path {server.allowed_local_media_path!r} is not a directory",
+                          param="allowed_local_media_path")
     for name in ("max_tokens_limit", "max_n", "max_prompt_tokens"):
         value = getattr(server, name)
         if value is not None and value < 1:

@@ -21,6 +21,7 @@ beyond that; with no constrained slot the loop is unchanged.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import secrets
@@ -36,15 +37,17 @@ from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.grammar import Constraint, GrammarEngine
+from mrs.engine.image_plan import Span, check_images, chunk_injection, chunk_plan
 from mrs.engine.placed import build_steps
 from mrs.engine.sampling import SampleOut, all_allowed, host_row
-from mrs.engine.steps import batch_buckets, bucket_for, kv_buckets
+from mrs.engine.steps import EncodeImages, batch_buckets, bucket_for, kv_buckets
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.engine.validate import validate_request
 from mrs.errors import InvalidRequest, ModelUnavailable, Overloaded
 from mrs.loading.checkpoint import Checkpoint
 from mrs.models.config import ModelConfig
+from mrs.models.layers import Injected
 from mrs.quant.memory import cache_bytes, param_bytes
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class _Request:
     stream: RequestStream
     stop_ids: frozenset[int]
     seed: int
+    spans: list[Span] = field(default_factory=list)  # its images' placeholder positions
+    features: np.ndarray | None = None  # its images' encoder output, once its first choice prefills
     seqs: list["_Seq"] = field(default_factory=list)
     cancelled: bool = False
 
@@ -105,6 +110,15 @@ class Engine:
         self._prefill_buckets = sorted({b for b in self.config.prefill_buckets if b <= self.context_limit}) or [
             self.context_limit
         ]
+        self._vision = checkpoint.vision
+        self._encode: EncodeImages | None = None
+        if self._vision is not None:
+            self._encode = EncodeImages(self._vision.spec)
+            self._vision_params = jax.device_put(self._vision.params)
+            # An image enters the cache in one chunk (mrs.engine.image_plan): chunks hold one at least.
+            per_image = self._vision.spec.tokens_per_image
+            if self._prefill_buckets[-1] < per_image:
+                self._prefill_buckets.append(min(1 << (per_image - 1).bit_length(), self.context_limit))
         self._kv_buckets = kv_buckets(self.context_limit)
         self._batch_buckets = batch_buckets(self.max_batch)
         self._steps = build_steps(model_config, self.max_batch, self.context_limit, checkpoint.placement)
@@ -188,8 +202,10 @@ class Engine:
         if not sp.ignore_eos:
             stop_ids.update(self.checkpoint.eos_token_ids)
         seed = sp.seed if sp.seed is not None else secrets.randbits(32)
+        spans = check_images(request.prompt_ids, request.pixel_values, self._vision and self._vision.spec,
+                             self.checkpoint.source)
         constraints = self._grammars.constraints(sp.grammar, sp.n) if sp.grammar else [None] * sp.n
-        req = _Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed)
+        req = _Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed, spans)
         req.seqs = [
             _Seq(req, i, max_tokens, IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sp.stop), constraint)
             for i, constraint in enumerate(constraints)
@@ -226,7 +242,7 @@ class Engine:
             "decode_steps": self._steps_run,
             "step_time_ms": 1000 * self._step_seconds,
             "warmup_s": self._warmup_seconds,
-            "compiles": sum(self._steps.traces.values()),
+            "compiles": sum(self._steps.traces.values()) + (sum(self._encode.traces.values()) if self._encode else 0),
             "grammar_host_s": self._grammar_seconds,
             "param_bytes": self._param_bytes,
             "kv_cache_bytes": self._kv_cache_bytes,
@@ -314,6 +330,9 @@ class Engine:
                          for start in starts.values()]
         variants += [("decode", (active, self._unconstrained), {"kv_len": kv_len, "rows": rows})
                      for kv_len in self._kv_buckets for rows in self._batch_buckets]
+        if self._encode is not None:
+            self._encode.warm(self._vision_params)
+            variants += self._image_variants(starts.values(), mask)
         logged = begin
         for done, (step, args, kwargs) in enumerate(variants, 1):
             self._state = self._steps.warm(step, self._params, self._state, *args, **kwargs)
@@ -326,6 +345,19 @@ class Engine:
         self._state = self._steps.init_state()
         self._warmup_seconds = time.perf_counter() - begin
 
+    def _image_variants(self, starts: Any, mask: np.ndarray) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+        """Prefill with an image in the chunk: each first-chunk bucket that holds one, each continuation."""
+        spec, chunk = self._vision.spec, self._prefill_buckets[-1]
+        features = np.zeros((1, spec.tokens_per_image, self.checkpoint.config.hidden_size), np.float32)
+        placed = [(length, 0) for length in self._prefill_buckets if length >= spec.tokens_per_image]
+        placed += [(chunk, start) for start in starts]
+        variants = []
+        for length, start in placed:
+            injected = chunk_injection(features, [(start, start + spec.tokens_per_image)], start,
+                                       start + spec.tokens_per_image, length, spec.bidirectional)
+            variants.append(("prefill", *self._prefill_inputs(0, [0], start, length, True, mask, None, injected)))
+        return variants
+
     def _continuations(self) -> range:
         chunk = self._prefill_buckets[-1]
         return range(chunk, self.context_limit, chunk)
@@ -334,22 +366,25 @@ class Engine:
         return bucket_for(start + self._prefill_buckets[-1], self._kv_buckets)
 
     def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool,
-                       mask: np.ndarray, targets: list[int] | None = None) -> SampleOut:
+                       mask: np.ndarray, targets: list[int] | None = None, injected: Injected | None = None,
+                       ) -> SampleOut:
         """One prompt chunk; with ``targets`` (each position's next prompt token) it is scored too."""
-        args, kwargs = self._prefill_inputs(slot, chunk, start, length, final, mask, targets)
+        args, kwargs = self._prefill_inputs(slot, chunk, start, length, final, mask, targets, injected)
         self._state, out = self._steps.prefill(self._params, self._state, *args, **kwargs)
         return out
 
     def _prefill_inputs(self, slot: int, chunk: list[int], start: int, length: int, final: bool, mask: np.ndarray,
-                        targets: list[int] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                        targets: list[int] | None, injected: Injected | None = None,
+                        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The prefill step's arguments after the parameters and state, and its keyword arguments."""
         tokens = np.zeros(length, np.int32)
         tokens[: len(chunk)] = chunk
         kv_len = length if start == 0 else self._chunk_kv_len(start)
         scored = {} if targets is None else {"targets": np.pad(np.asarray(targets, np.int32), (0, length - len(targets))),
                                              "score": True}
+        images = {} if injected is None else {"injected": injected}
         return (np.int32(slot), tokens, np.int32(start), np.int32(len(chunk)), np.bool_(final), mask), {
-            "kv_len": kv_len, **scored}
+            "kv_len": kv_len, **scored, **images}
 
     def _masks(self, seqs: list[tuple[int, _Seq]], rows: int) -> np.ndarray:
         """The token bitmask for ``rows`` slots: each constrained ``(row, seq)``'s grammar, all ones elsewhere.
@@ -376,27 +411,39 @@ class Engine:
         self._state = self._steps.insert(self._state, np.int32(slot), row)
         mask = self._masks([(0, seq)] if seq.constraint else [], 1)[0]
         ids, chunk_size = request.prompt_ids, self._prefill_buckets[-1]
+        spans, features = seq.req.spans, self._image_features(seq.req)
         scoring = sp.prompt_logprobs is not None
-        scores: list[SampleOut] = []
-        for start in range(0, len(ids), chunk_size):
-            chunk = ids[start : start + chunk_size]
-            final = start + chunk_size >= len(ids)
+        scores: list[tuple[int, Any]] = []  # (chunk start, its prompt scores)
+        for start, stop in chunk_plan(len(ids), chunk_size, spans):
+            chunk = ids[start:stop]
             length = bucket_for(len(chunk), self._prefill_buckets) if start == 0 else chunk_size
-            targets = ids[start + 1 : start + len(chunk) + 1] if scoring else None
-            out = self._prefill_chunk(slot, chunk, start, length, final, mask, targets)
+            targets = ids[start + 1 : stop + 1] if scoring else None
+            injected = None if features is None else chunk_injection(
+                features, spans, start, stop, length, self._vision.spec.bidirectional)
+            out = self._prefill_chunk(slot, chunk, start, length, stop == len(ids), mask, targets, injected)
             if scoring:
-                scores.append(jax.device_get(out.prompt))
+                scores.append((start, jax.device_get(out.prompt)))
         if scoring:
             seq.prompt_logprobs = self._prompt_logprobs(ids, scores, sp.prompt_logprobs)
         return out
 
-    def _prompt_logprobs(self, ids: list[int], chunks: list[Any], top: int) -> list[TokenLogprob]:
+    def _image_features(self, req: _Request) -> np.ndarray | None:
+        """The request's image features on the host (computed once for all its choices)."""
+        pixels = req.request.pixel_values
+        if pixels is None or self._encode is None:
+            return None
+        if req.features is None:
+            req.features = np.asarray(jax.device_get(self._encode(self._vision_params, pixels)))
+        return req.features
+
+    def _prompt_logprobs(self, ids: list[int], chunks: list[tuple[int, Any]], top: int) -> list[TokenLogprob]:
         """Every prompt token's logprob given the ones before it; the first has none (``None``)."""
         decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
         items = [TokenLogprob(ids[0], decode(ids[0]), None)]
-        chunk_size = self._prefill_buckets[-1]
+        starts = [start for start, _ in chunks]
         for position, token in enumerate(ids[1:]):  # token ids[position + 1], predicted at `position`
-            scores, at = chunks[position // chunk_size], position % chunk_size
+            start, scores = chunks[bisect.bisect_right(starts, position) - 1]
+            at = position - start
             alternatives = [(int(t), decode(int(t)), float(lp))
                             for t, lp in zip(scores.top_ids[at][:top], scores.top_logprobs[at][:top])]
             items.append(TokenLogprob(token, decode(token), float(scores.logprob[at]), alternatives))

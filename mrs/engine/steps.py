@@ -15,11 +15,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample, score_tokens
 from mrs.models.config import ModelConfig
-from mrs.models.layers import PAD_POSITION, KVCache, Stage, init_cache
-from mrs.models.registry import build_model
+from mrs.models.layers import PAD_POSITION, Injected, KVCache, Stage, init_cache
+from mrs.models.registry import build_encoder, build_model
+from mrs.models.vision import VisionSpec
 
 Array = jax.Array
 
@@ -159,6 +161,7 @@ class Steps:
         mask: Array,
         inputs: Array | None = None,
         targets: Array | None = None,
+        injected: Injected | None = None,
         *,
         kv_len: int,
         score: bool = False,
@@ -168,13 +171,15 @@ class Steps:
         On the final chunk, samples the first output token (among ``mask [W]``'s) and arms
         the slot for decode. With ``score`` (a variant compiled beside the plain one), the
         output also scores the chunk: ``targets [L]``, each position's next prompt token.
+        ``injected`` (batch of one) puts image features into the chunk (another variant).
         """
-        self.traces[f"prefill/{tokens.shape[0]}/{kv_len}" + ("/scored" if score else "")] += 1
+        variant = ("/scored" if score else "") + ("/images" if injected is not None else "")
+        self.traces[f"prefill/{tokens.shape[0]}/{kv_len}{variant}"] += 1
         positions, real = chunk_positions(tokens.shape[0], start, n_real)
         cache = slot_row(state.cache, slot)
         logits, cache = self.model.apply(
             {"params": params}, tokens[None] if inputs is None else inputs, positions, cache,
-            logits_at=None if score else (n_real - 1)[None], kv_len=kv_len,
+            logits_at=None if score else (n_real - 1)[None], kv_len=kv_len, injected=injected,
         )
         if score:  # every position's logits [1, L, V]; sampling takes the last real one's
             scores = score_tokens(logits[0], targets)
@@ -225,3 +230,40 @@ class Steps:
             seen=state.seen.at[slots, tokens].set(state.seen[slots, tokens] | active),
         )
         return state, out
+
+
+def image_buckets(max_images: int) -> list[int]:
+    """Static image counts of the encoder step: powers of two up to ``max_images``."""
+    buckets, size = [], 1
+    while size < max_images:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_images]
+
+
+class EncodeImages:
+    """A vision model's image encoder as a jitted step, bucketed by image count:
+    ``(params, pixels [N, C, S, S]) -> features [N, tokens_per_image, hidden]`` (float32)."""
+
+    def __init__(self, spec: VisionSpec) -> None:
+        self.spec = spec
+        self.buckets = image_buckets(spec.max_images)
+        self.encoder = build_encoder(spec)
+        self.traces: Counter[str] = Counter()
+        self._step = jax.jit(self._encode)
+
+    def _encode(self, params: Any, pixels: Array) -> Array:
+        self.traces[f"encode/{pixels.shape[0]}"] += 1
+        return self.encoder.apply({"params": params}, pixels).astype(jnp.float32)
+
+    def __call__(self, params: Any, pixels: Any) -> Array:
+        """Features of ``pixels`` (any count up to ``max_images``), padded to its bucket and back."""
+        count = len(pixels)
+        padded = np.zeros((bucket_for(count, self.buckets),) + tuple(pixels.shape[1:]), np.float32)
+        padded[:count] = pixels
+        return self._step(params, padded)[:count]
+
+    def warm(self, params: Any) -> None:
+        for size in self.buckets:
+            shape = (size, self.spec.channels, self.spec.image_size, self.spec.image_size)
+            self._step.lower(params, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()

@@ -58,6 +58,9 @@ class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    # A vision model's images as its processor left them (float32 [N, C, S, S]); the prompt
+    # holds each image's placeholder tokens (VisionSpec.tokens_per_image of them) in order.
+    pixel_values: Any = None
 
 
 @dataclass

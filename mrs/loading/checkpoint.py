@@ -8,7 +8,18 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from mrs.models.config import ModelConfig
+from mrs.models.vision import VisionSpec
 from mrs.sharding.placement import Placement
+
+
+@dataclass
+class VisionParts:
+    """A vision model's image side: its spec, the encoder's parameters (float; in-situ
+    quantization applies to the text tower only) and the checkpoint's own processor."""
+
+    spec: VisionSpec
+    params: dict[str, Any]
+    processor: Any  # a transformers ProcessorMixin (e.g. Gemma3Processor)
 
 
 @dataclass
@@ -25,3 +36,4 @@ class Checkpoint:
     placement: Placement = field(default_factory=Placement)  # the entry's devices; the engine lays params out
     in_situ_quant: str | None = None  # the scheme the linear weights were quantized to at load time
     isq_embeddings: str | None = None  # likewise for the token embedding and LM head
+    vision: VisionParts | None = None  # a VisionPlain model's image encoder and processor

@@ -9,12 +9,13 @@ in-situ quantization, and the device placement (resolved here, applied by the en
 from __future__ import annotations
 
 from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry
-from mrs.errors import ConfigError, LoadError
+from mrs.errors import ConfigError
 from mrs.loading.chat_template import select_chat_template
 from mrs.loading.checkpoint import Checkpoint
 from mrs.loading.conversion import is_conversion, load_conversion
 from mrs.loading.gguf_loader import load_gguf
 from mrs.loading.safetensors_reader import load_plain
+from mrs.loading.vision_loader import load_vision_plain
 from mrs.models.config import ModelConfig
 from mrs.quant import quantize_params, resolve_scheme
 from mrs.sharding.placement import Placement, resolve_placement
@@ -35,13 +36,16 @@ def load_checkpoint(entry: ModelEntry) -> Checkpoint:
     elif kind == PLAIN:
         checkpoint = load_plain(entry)
     elif kind == VISION_PLAIN:
-        raise LoadError(f"model {entry.model_id!r}: vision-plain models are not supported yet")
+        checkpoint = load_vision_plain(entry)
     else:
         raise ConfigError(
             f"model {entry.model_id!r}: unknown model kind {kind!r}; expected {PLAIN}, {GGUF} or {VISION_PLAIN}",
             param="model.kind",
         )
     checkpoint.placement = entry_placement(entry, checkpoint.config)
+    if checkpoint.vision is not None and checkpoint.placement != Placement():
+        raise ConfigError(f"model {entry.model_id!r}: num_device_layers and tensor_parallel are not supported "
+                          "for vision models yet", param="num_device_layers")
     if checkpoint.placement != Placement():
         checkpoint.notes.append(f"placement: {checkpoint.placement.describe()}")
     # A conversion is stored quantized (load_conversion checks how).

@@ -9,8 +9,9 @@ dtypes may be float32, float16 or bfloat16.
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise LoadError(f"{model_dir}: no {SINGLE} or {INDEX} (found: {found})")
 
 
-def read_tensors(files: list[Path], dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor as a host numpy array, floating ones cast to ``dtype``.
+def read_tensors(files: list[Path], dtype: Any, keep: Callable[[str], bool] = lambda name: True,
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor whose name ``keep`` accepts as a host numpy array, floating ones cast to ``dtype``.
 
     safetensors' numpy backend has no bfloat16, so we read through its flax backend
     pinned to the CPU device and view the result as numpy (no copy on CPU).
@@ -68,7 +70,7 @@ def read_tensors(files: list[Path], dtype: Any) -> Iterator[tuple[str, np.ndarra
     cpu = jax.devices("cpu")[0]
     for path in files:
         with safe_open(str(path), framework="flax") as f:
-            for name in f.keys():
+            for name in filter(keep, f.keys()):
                 # Only around the read: a context held across ``yield`` would leak
                 # into the caller and pin its device arrays to the CPU too.
                 with jax.default_device(cpu):
@@ -84,7 +86,8 @@ def _hf_name(flax_path: str) -> str:
 
 def load_params(config: ModelConfig, files: list[Path]) -> dict:
     """The module's parameter tree (device arrays), checked complete against the arch."""
-    named = ((name, jnp.asarray(value)) for name, value in read_tensors(files, config.jnp_dtype))
+    wanted = partial(registry.text_tensor, config.arch)
+    named = ((name, jnp.asarray(value)) for name, value in read_tensors(files, config.jnp_dtype, wanted))
     params = registry.params_from_hf(config, named)
     try:
         registry.check_params(config, params)

@@ -251,10 +251,10 @@ def _attend(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale
     key_pos = jnp.arange(kv_len)[None, None, :]
     query_pos = positions[:, :, None]
     valid = key_pos <= query_pos
+    if spans is not None:  # an image's tokens see each other both ways; the window still applies (as HF)
+        valid |= (key_pos >= spans[0][:, :, None]) & (key_pos < spans[1][:, :, None])
     if window is not None:
         valid &= key_pos > query_pos - window
-    if spans is not None:  # HF ORs the image's bidirectional mask into the causal and sliding ones
-        valid |= (key_pos >= spans[0][:, :, None]) & (key_pos < spans[1][:, :, None])
     # A finite floor keeps padding queries (which see no key) free of NaN.
     scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)

@@ -14,11 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrs.models import gemma3, gpt2, llama
+from mrs.models import gemma3, gemma3_vision, gpt2, llama
 from mrs.models.config import ModelConfig
 from mrs.models.decoder import DecoderForCausalLM
 from mrs.models.layers import ACTIVATIONS, Stage, init_cache
 from mrs.models.params import nest
+from mrs.models.vision import VisionSpec
 
 
 def _same_tensor(name: str, value: Any) -> tuple[str, Any] | None:
@@ -40,13 +41,16 @@ class Arch:
     fallback_chat_template: str | None = None
     # The first stage's modules besides its layers (token embedding first: a tied head reads it).
     embeddings: tuple[str, ...] = ("embed_tokens",)
+    # HF tensor-name prefixes that are not the text model's (a vision tower): never read.
+    foreign_prefixes: tuple[str, ...] = ()
 
 
 ARCHS: dict[str, Arch] = {
     "llama": Arch(DecoderForCausalLM, llama.config_from_hf),
     "mistral": Arch(DecoderForCausalLM, llama.config_from_hf),
     "qwen2": Arch(DecoderForCausalLM, llama.config_from_hf),
-    "gemma3": Arch(DecoderForCausalLM, gemma3.config_from_hf, _gemma3_tensor),
+    "gemma3": Arch(DecoderForCausalLM, gemma3.config_from_hf, _gemma3_tensor,
+                   foreign_prefixes=gemma3.SKIPPED_PREFIXES),
     "gpt2": Arch(gpt2.GPT2LMHeadModel, gpt2.config_from_hf, gpt2.hf_tensor, gpt2.FALLBACK_CHAT_TEMPLATE,
                  embeddings=("wte", "wpe")),
 }
@@ -61,6 +65,11 @@ _HF_CLASSES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qw
 
 # Buffers some older checkpoints saved next to the weights (llama's RoPE table).
 NON_WEIGHTS = ("rotary_emb.inv_freq",)
+
+
+def text_tensor(arch: str, name: str) -> bool:
+    """Whether HF tensor ``name`` may belong to the text model (a loader skips the rest unread)."""
+    return not name.startswith(get_arch(arch).foreign_prefixes)
 
 
 def get_arch(name: str) -> Arch:
@@ -136,3 +145,36 @@ def check_params(config: ModelConfig, params: dict) -> None:
         return model.apply({"params": p}, t, t, init_cache(config, 1, 1))
 
     jax.eval_shape(run, params, tokens)
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    """A family's image side (``mrs.models.vision``); its text tower is the family's ``Arch``."""
+
+    encoder: type[nn.Module]  # called as encoder(spec.encoder): pixels [N, C, S, S] -> features [N, T, hidden]
+    spec_from_hf: Callable[..., VisionSpec]  # (hf config dict, dtype=...) -> VisionSpec
+    hf_name: Callable[[str], str | None]  # a HF tensor name -> the encoder's, None for the text tower's
+
+
+VISION_ARCHS: dict[str, VisionArch] = {
+    "gemma3": VisionArch(gemma3_vision.ImageEncoder, gemma3_vision.spec_from_hf, gemma3_vision.hf_name),
+}
+
+
+def get_vision_arch(name: str) -> VisionArch:
+    try:
+        return VISION_ARCHS[name]
+    except KeyError:
+        raise ValueError(
+            f"architecture {name!r} has no vision model; vision architectures: {', '.join(sorted(VISION_ARCHS))}"
+        ) from None
+
+
+def build_encoder(spec: VisionSpec) -> nn.Module:
+    return get_vision_arch(spec.arch).encoder(spec.encoder)
+
+
+def check_encoder_params(spec: VisionSpec, params: dict) -> None:
+    """Trace the image encoder once (shapes only) so a missing tensor fails at load time."""
+    pixels = jax.ShapeDtypeStruct((1, spec.channels, spec.image_size, spec.image_size), jnp.float32)
+    jax.eval_shape(lambda p, x: build_encoder(spec).apply({"params": p}, x), params, pixels)

@@ -69,10 +69,11 @@ async def chat_completions(data: protocol.ChatCompletionRequest) -> Response:
         limits = services().limits
         sampling, (tools, choice) = data.to_sampling(), data.tool_setup()
         calls = calls_enabled(tools, choice)
-        ids = await asyncio.to_thread(served.encode_chat, data.template_messages(), tools if calls else None)
-        limits.apply(sampling, len(ids), "messages")
+        prompt = await asyncio.to_thread(served.prepare_chat, data.template_messages(), tools if calls else None,
+                                         limits.images)
+        limits.apply(sampling, len(prompt.ids), "messages")
         job_id = protocol.new_id("chatcmpl")
-        job = completions.Job(served, model_id, job_id, [GenerationRequest(ids, sampling, job_id)], chat=True,
+        job = completions.Job(served, model_id, job_id, [prompt.request(sampling, job_id)], chat=True,
                               include_usage=data.include_usage, tool_calls=calls, timeout_s=limits.timeout_s)
         return job
 

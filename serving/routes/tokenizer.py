@@ -24,7 +24,8 @@ async def tokenize(data: protocol.TokenizeRequest) -> Response:
         if data.messages is not None:
             ids = await asyncio.to_thread(
                 served.encode_chat, [m.openai() for m in data.messages], parse_tools(data.tools, None)[0],
-                add_generation_prompt=data.add_generation_prompt, continue_final_message=data.continue_final_message)
+                services().limits.images, add_generation_prompt=data.add_generation_prompt,
+                continue_final_message=data.continue_final_message)
         elif data.add_special_tokens:
             ids = await asyncio.to_thread(served.encode, data.prompt)
         else:
