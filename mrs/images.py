@@ -60,6 +60,12 @@ def take_images(messages: list[dict[str, Any]], limits: ImageLimits) -> tuple[li
     return out, images
 
 
+def count_images(messages: list[dict[str, Any]]) -> int:
+    """How many image parts the messages hold (checked before any is fetched)."""
+    return sum(isinstance(p, dict) and p.get("type") in ("image_url", "image")
+               for m in messages if isinstance(m.get("content"), list) for p in m["content"])
+
+
 def text_only(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages whose text-part lists are joined into strings (templates of text models expect strings)."""
     def joined(content: Any) -> Any:

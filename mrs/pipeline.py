@@ -21,13 +21,15 @@ from typing import Any, Iterator
 
 from mrs.config.schema import EngineConfig, ModelEntry, engine_for, entry_from_dict
 from mrs.engine.engine import Engine
+from mrs.engine.image_plan import check_image_count
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta, TokenLogprob
 from mrs.errors import ConfigError, InvalidRequest
-from mrs.images import ImageLimits, take_images, text_only
+from mrs.images import ImageLimits, count_images, take_images, text_only
 from mrs.loading.chat_template import render_chat
 from mrs.loading.checkpoint import Checkpoint
 from mrs.models.config import ModelConfig
+from mrs.models.registry import get_vision_arch
 from mrs.response_format import output_grammar
 from mrs.tools import Tool, ToolCall, calls_enabled, finish_reason, parse_reply, parse_tools, prompt_messages, reply_grammar
 
@@ -151,21 +153,26 @@ class Pipeline:
         """OpenAI-shaped messages (tool calls and results, image parts included) through the chat
         template, and a vision model's images through its processor (``mrs.images`` loads them
         within ``image_limits``); ``template`` passes e.g. ``add_generation_prompt``."""
-        messages, images = take_images(messages, image_limits)
-        vision = self.checkpoint.vision
-        if images and vision is None:
+        vision, count = self.checkpoint.vision, count_images(messages)
+        if vision is None and count:  # checked before anything is fetched
             raise InvalidRequest(f"messages: model {self.entry.model_id!r} does not take images (a text-only model)",
                                  param="messages")
+        if vision is not None:
+            check_image_count(count, vision.spec, self.entry.model_id)
+        messages, images = take_images(messages, image_limits)
         if vision is None:
             messages = text_only(messages)
+        elif (own_prompt := get_vision_arch(vision.spec.arch).prompt) is not None:
+            if tools:
+                raise InvalidRequest(f"tools: model {self.entry.model_id!r} has no chat template to describe them",
+                                     param="tools")
+            ids, pixels = own_prompt(vision.processor, messages, images)
+            return PreparedPrompt(ids, pixels)
         messages, template_tools = prompt_messages(messages, tools or [], self.checkpoint.chat_template)
         text = render_chat(self.checkpoint.chat_template, messages, self.tokenizer, model_id=self.entry.model_id,
                            tools=template_tools, **template)
         if vision is None:
             return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=False))  # the template writes BOS
-        if len(images) > vision.spec.max_images:
-            raise InvalidRequest(f"messages: {len(images)} images in one request; model {self.entry.model_id!r} "
-                                 f"takes at most {vision.spec.max_images}", param="messages")
         out = vision.processor(text=text, images=images or None, add_special_tokens=False, return_tensors="np")
         pixels = out.get("pixel_values") if images else None
         return PreparedPrompt(out["input_ids"][0].tolist(), None if pixels is None else pixels.astype("float32"))

@@ -48,9 +48,7 @@ def check_images(prompt_ids: list[int], pixel_values: np.ndarray | None, spec: V
         return []
     spans = image_spans(prompt_ids, spec)
     given = 0 if pixel_values is None else len(pixel_values)
-    if given > spec.max_images:
-        raise InvalidRequest(f"messages: {given} images in one request; model {model!r} takes at most "
-                             f"{spec.max_images}", param="messages")
+    check_image_count(given, spec, model)
     if len(spans) != given:
         raise InvalidRequest(f"prompt: {len(spans)} image placeholders for {given} images", param="prompt")
     if given:
@@ -59,6 +57,12 @@ def check_images(prompt_ids: list[int], pixel_values: np.ndarray | None, spec: V
             raise InvalidRequest(f"pixel_values: images must be {want} after preprocessing; got "
                                  f"{tuple(pixel_values.shape[1:])}", param="pixel_values")
     return spans
+
+
+def check_image_count(given: int, spec: VisionSpec, model: str) -> None:
+    if given > spec.max_images:
+        raise InvalidRequest(f"messages: {given} images in one request; model {model!r} takes at most "
+                             f"{spec.max_images}", param="messages")
 
 
 def chunk_plan(length: int, chunk_size: int, spans: list[Span]) -> list[Span]:

@@ -154,6 +154,10 @@ class VisionArch:
     encoder: type[nn.Module]  # called as encoder(spec.encoder): pixels [N, C, S, S] -> features [N, T, hidden]
     spec_from_hf: Callable[..., VisionSpec]  # (hf config dict, dtype=...) -> VisionSpec
     hf_name: Callable[[str], str | None]  # a HF tensor name -> the encoder's, None for the text tower's
+    # For a family without a chat template (Kosmos-2): (processor, messages with {"type": "image"}
+    # parts, PIL images) -> (prompt ids, float32 pixels [N, C, S, S] or None). None: the chat
+    # template renders the prompt and the processor expands its images.
+    prompt: Callable[[Any, list[dict[str, Any]], list[Any]], tuple[list[int], Any]] | None = None
 
 
 VISION_ARCHS: dict[str, VisionArch] = {
