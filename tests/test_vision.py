@@ -15,15 +15,17 @@ from vision_checkpoints import IMAGE_TOKEN_ID, MM_TOKENS_PER_IMAGE, tiny_gemma3_
 
 import mrs
 from mrs.config.schema import VISION_PLAIN, EngineConfig, ModelEntry, ModelSource
-from mrs.engine.image_plan import chunk_injection, image_spans
+from mrs.engine.image_plan import chunk_injection, chunk_plan, image_spans
 from mrs.loading.load import load_checkpoint
 from mrs.models.layers import init_cache
 from mrs.models.registry import build_encoder, build_model
+from mrs.quant.memory import param_bytes
 
 # A sliding window shorter than an image's run of tokens would be: HF ANDs the window into
 # the bidirectional image mask on sliding layers, and so must we.
 WINDOW = 3
 STEPS = 8
+CHUNK = 11
 
 
 def _entry(path: Path) -> ModelEntry:
@@ -44,8 +46,9 @@ def reference(checkpoint_dir: Path):
 
 @pytest.fixture(scope="module")
 def pipe(checkpoint_dir: Path):
-    # Chunks of 8 tokens: a 4-token image must move a chunk boundary in most prompts.
-    with mrs.load(_entry(checkpoint_dir), EngineConfig(max_batch=2, max_seq_len=128, prefill_buckets=[8])) as p:
+    # Chunks of 11 tokens: the images (positions 9-12 and 19-22 in these prompts) straddle
+    # the boundaries at 11 and 20, so each moves a chunk boundary (test_chunks_move_for_images).
+    with mrs.load(_entry(checkpoint_dir), EngineConfig(max_batch=2, max_seq_len=128, prefill_buckets=[CHUNK])) as p:
         yield p
 
 
@@ -120,6 +123,9 @@ def test_two_images_and_text_only_chats_match_hf(pipe, reference) -> None:
     model, processor = reference
     images = [tiny_image(4), tiny_image(5)]
     messages = _messages(*images, text="Compare them")
+    ids = pipe.prepare_chat(messages).ids
+    naive = [(start, min(start + CHUNK, len(ids))) for start in range(0, len(ids), CHUNK)]
+    assert chunk_plan(len(ids), CHUNK, image_spans(ids, pipe.checkpoint.vision.spec)) != naive  # both images moved one
     assert pipe.chat(messages, max_tokens=STEPS, ignore_eos=True).token_ids == _hf_greedy(
         model, _hf_inputs(processor, messages, images))
     text_only = [{"role": "user", "content": "Hello there"}]
@@ -141,4 +147,6 @@ def test_images_change_the_answer_and_errors_name_the_part(pipe, tmp_path: Path)
         pipe.chat(_messages(str(tmp_path / "missing.png")))
     with pytest.raises(mrs.errors.InvalidRequest, match="takes at most 8"):
         pipe.chat(_messages(*[tiny_image(i) for i in range(9)]))
-    assert pipe.stats()["slots_busy"] == 0
+    stats = pipe.stats()
+    assert stats["slots_busy"] == 0
+    assert stats["param_bytes"] == param_bytes(pipe.checkpoint.params) + param_bytes(pipe.checkpoint.vision.params)

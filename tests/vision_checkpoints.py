@@ -129,12 +129,14 @@ def gemma3_vision_config(vocab_size: int = BASE_VOCAB + len(SPECIALS), sliding_w
                         boi_token_index=BOI_ID, eoi_token_index=EOI_ID, image_token_index=IMAGE_TOKEN_ID)
 
 
-def gemma3_vision_model(seed: int = 0, sliding_window: int = 128) -> Gemma3ForConditionalGeneration:
+def gemma3_vision_model(seed: int = 0, sliding_window: int = 128,
+                        config: Gemma3Config | None = None) -> Gemma3ForConditionalGeneration:
     """Random weights, eager attention, float32. Every tensor is drawn (HF would leave the
     projector matrix and the ``1 + w`` norms at zero): matrices ~ N(0, 1/fan_in), biases and
     norm weights ~ N(0, 0.1) around their 0 (LayerNorm weights: 1), the word embeddings
-    N(0, 0.05) (scaled by sqrt(64) on input; tied to the head), SigLIP positions N(0, 0.2)."""
-    config = gemma3_vision_config(sliding_window=sliding_window)
+    N(0, 0.05) (scaled by sqrt(64) on input; tied to the head), SigLIP positions N(0, 0.2).
+    ``config`` replaces the tiny default (tools/bench_vision.py builds larger shapes)."""
+    config = config or gemma3_vision_config(sliding_window=sliding_window)
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"
     config.vision_config._attn_implementation = "eager"

@@ -125,7 +125,7 @@ class Engine:
         self._params = self._steps.place_params(checkpoint.params)
         # Measured once: the parameters never change, and walking their ~500 device
         # buffers took ~6 ms per stats() call (the status endpoint, load-test pollers).
-        self._param_bytes = param_bytes(self._params)
+        self._param_bytes = param_bytes(self._params) + (param_bytes(self._vision_params) if self._vision else 0)
         self._grammars = GrammarEngine(self.tokenizer, model_config.vocab_size, checkpoint.eos_token_ids)
         self._all_allowed = all_allowed(self.max_batch, model_config.vocab_size)
         # On the device once: a batch without a constraint sends no mask per step.
