@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,25 @@ def dialogpt_medium_shaped() -> GPT2LMHeadModel:
             else:  # LayerNorm weights near 1, biases near 0
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if name.endswith("ln_1.weight")
                         or name.endswith("ln_2.weight") or name.endswith("ln_f.weight") else 0.0))
+    model.tie_weights()
+    return model
+
+
+def random_model(model_class: type, config: Any, seed: int,
+                 spread: Callable[[str, torch.Tensor], tuple[float, float]]) -> torch.nn.Module:
+    """``model_class(config)`` in eval mode, eager attention in every sub-config, each parameter
+    redrawn as ``mean + std * N(0, 1)`` with ``(std, mean) = spread(name, p)`` (float64 draws
+    from a generator seeded with ``seed``: the same numbers on every machine), ties re-applied."""
+    subs = (getattr(config, key, None) for key in ("text_config", "vision_config"))
+    for c in (config, *(sub for sub in subs if sub is not None)):
+        c._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std, mean = spread(name, p)
+            p.copy_((torch.randn(p.shape, generator=generator, dtype=torch.float64) * std + mean).float())
     model.tie_weights()
     return model
 

@@ -1,7 +1,7 @@
-"""The seed's Example 2 layout (a text model and a VisionPlain model in one multi-model JSON)
-through a real ``mrs-server`` and the official ``openai`` client, with local checkpoints:
-image chats equal HF's greedy tokens, every image source works, bad images get a 400
-envelope naming the problem, and nothing else is disturbed."""
+"""The seed's Example 2 layout (a text model and Kosmos-2 as VisionPlain in one multi-model
+JSON, here with Gemma 3 vision beside them) through a real ``mrs-server`` and the official
+``openai`` client, with local checkpoints: image chats equal HF's greedy tokens, every image
+source works, bad images get a 400 envelope naming the problem, and nothing else is disturbed."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import openai
 import pytest
 import torch
 from hf_checkpoints import hf_model, save_checkpoint
+from kosmos2_checkpoints import tiny_kosmos2
 from server_process import BIN, TINY_ENGINE, jax_cache_env, start
-from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+from transformers import AutoProcessor, Gemma3ForConditionalGeneration, Kosmos2ForConditionalGeneration
 from vision_checkpoints import tiny_gemma3_vision, tiny_image
 
 STEPS = 6
@@ -40,6 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("example2")
     text_dir = save_checkpoint(hf_model("gpt2"), root / "gpt2")
     vision_dir = tiny_gemma3_vision(root / "gemma3-vision")
+    kosmos2_dir = tiny_kosmos2(root / "kosmos2")
     media = root / "media"
     media.mkdir()
     tiny_image(1).save(media / "one.png")
@@ -51,6 +53,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     config = root / "example-2.json"  # the seed's Example 2 with local checkpoints for the hub ids
     config.write_text(json.dumps([
         {"model_id": "text", "model": {"Plain": {"model_id": str(text_dir)}}},
+        {"model_id": "kosmos2", "model": {"VisionPlain": {"model_id": str(kosmos2_dir), "arch": "kosmos2"}}},
         {"model_id": "vision", "model": {"VisionPlain": {"model_id": str(vision_dir), "arch": "gemma3"}}},
     ]))
     server = start([str(BIN / "mrs-server"), *TINY_ENGINE, "--allowed-local-media-path", str(media),
@@ -59,7 +62,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         server.wait_ready()
         server.wait_all_loaded()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
-        yield client, vision_dir, media, f"http://127.0.0.1:{web.server_address[1]}"
+        yield client, vision_dir, media, f"http://127.0.0.1:{web.server_address[1]}", kosmos2_dir
     finally:
         web.shutdown()
         assert server.stop() == 0, server.output()[-3000:]
@@ -78,7 +81,7 @@ def _hf_greedy(vision_dir: Path, image, text: str) -> str:
 
 
 def test_example_2_serves_both_models_and_image_sources(served) -> None:
-    client, vision_dir, media, web = served
+    client, vision_dir, media, web, _ = served
     cards = {m.id: m for m in client.models.list().data}
     assert cards["vision"].model_extra["capabilities"] == ["completion", "vision"]
     assert cards["text"].model_extra["capabilities"] == ["completion"]
@@ -109,7 +112,7 @@ def test_example_2_serves_both_models_and_image_sources(served) -> None:
     ("text", "data:image/png;base64,", "model 'text' does not take images"),
 ])
 def test_bad_images_get_a_400_naming_the_problem(served, model: str, url: str, words: str) -> None:
-    client, _, _, web = served
+    client, _, _, web, _ = served
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=_image_message(url.format(web=web)), max_tokens=2)
     error = err.value.body
@@ -120,7 +123,7 @@ def test_bad_images_get_a_400_naming_the_problem(served, model: str, url: str, w
 
 
 def test_too_many_images_and_detail(served) -> None:
-    client, _, _, _ = served
+    client, _, _, _, _ = served
     uri = _data_uri(tiny_image(2))
     many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 9}]
     with pytest.raises(openai.BadRequestError, match="9 images in one request; model 'vision' takes at most 8"):
@@ -128,3 +131,27 @@ def test_too_many_images_and_detail(served) -> None:
     low = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri, "detail": "low"}}]}]
     with pytest.raises(openai.BadRequestError, match="detail: only 'auto' is supported"):
         client.chat.completions.create(model="vision", messages=low, max_tokens=2)
+
+
+def test_example_2_kosmos2_grounding_matches_hf(served) -> None:
+    client, _, _, _, kosmos2_dir = served
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["kosmos2"].model_extra["capabilities"] == ["completion", "vision"]
+    processor = AutoProcessor.from_pretrained(kosmos2_dir)
+    model = Kosmos2ForConditionalGeneration.from_pretrained(kosmos2_dir, attn_implementation="eager").eval()
+    inputs = processor(text="<grounding>An image of", images=tiny_image(1), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+    want = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    reply = client.chat.completions.create(
+        model="kosmos2", messages=_image_message(_data_uri(tiny_image(1)), "<grounding>An image of"),
+        max_tokens=STEPS, temperature=0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == want
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]  # the image's 64 tokens count
+    uri = _data_uri(tiny_image(2))
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 2}]
+    with pytest.raises(openai.BadRequestError, match="2 images in one request; model 'kosmos2' takes at most 1"):
+        client.chat.completions.create(model="kosmos2", messages=two, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="no chat template; send one user message"):
+        client.chat.completions.create(model="kosmos2", messages=[{"role": "system", "content": "Be brief"},
+                                                                 *_image_message(uri)], max_tokens=2)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hf_checkpoints import EOS, byte_level_tokenizer
+from hf_checkpoints import EOS, byte_level_tokenizer, random_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer
@@ -137,27 +137,19 @@ def gemma3_vision_model(seed: int = 0, sliding_window: int = 128,
     N(0, 0.05) (scaled by sqrt(64) on input; tied to the head), SigLIP positions N(0, 0.2).
     ``config`` replaces the tiny default (tools/bench_vision.py builds larger shapes)."""
     config = config or gemma3_vision_config(sliding_window=sliding_window)
-    config._attn_implementation = "eager"
-    config.text_config._attn_implementation = "eager"
-    config.vision_config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    draw = lambda p, std: torch.randn(p.shape, generator=generator, dtype=torch.float64).float() * std  # noqa: E731
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                p.copy_(draw(p, 0.05))
-            elif name.endswith("position_embedding.weight"):
-                p.copy_(draw(p, 0.2))
-            elif name.endswith("mm_input_projection_weight"):  # [vision hidden, text hidden], x @ W
-                p.copy_(draw(p, p.shape[0] ** -0.5))
-            elif p.dim() == 1:
-                is_layer_norm = ".layer_norm" in name or "post_layernorm" in name
-                p.copy_(draw(p, 0.1) + (1.0 if is_layer_norm and name.endswith(".weight") else 0.0))
-            else:  # linear [out, in] and the patch conv [out, 3, k, k]
-                p.copy_(draw(p, p[0].numel() ** -0.5))
-    model.tie_weights()
+    def spread(name: str, p: torch.Tensor) -> tuple[float, float]:
+        if name.endswith("embed_tokens.weight"):
+            return 0.05, 0.0
+        if name.endswith("position_embedding.weight"):
+            return 0.2, 0.0
+        if name.endswith("mm_input_projection_weight"):  # [vision hidden, text hidden], x @ W
+            return p.shape[0] ** -0.5, 0.0
+        if p.dim() == 1:
+            is_layer_norm = ".layer_norm" in name or "post_layernorm" in name
+            return 0.1, (1.0 if is_layer_norm and name.endswith(".weight") else 0.0)
+        return p[0].numel() ** -0.5, 0.0  # linear [out, in] and the patch conv [out, 3, k, k]
+
+    model = random_model(Gemma3ForConditionalGeneration, config, seed, spread)
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID],
                                                pad_token_id=PAD_ID, do_sample=False)
     return model

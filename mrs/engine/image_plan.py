@@ -19,7 +19,10 @@ Span = tuple[int, int]  # [start, end) positions of one image's placeholder toke
 
 
 def image_spans(prompt_ids: list[int], spec: VisionSpec) -> list[Span]:
-    """Each image's placeholder run, in prompt order (adjacent images split by count)."""
+    """Each image's span, in prompt order: a run of placeholder ids (adjacent images split by
+    count), or the ``tokens_per_image`` positions after each ``spec.image_start_id``."""
+    if spec.image_start_id is not None:
+        return _spans_after_start(prompt_ids, spec)
     spans: list[Span] = []
     i, n = 0, len(prompt_ids)
     while i < n:
@@ -36,6 +39,14 @@ def image_spans(prompt_ids: list[int], spec: VisionSpec) -> list[Span]:
         spans += [(s, s + spec.tokens_per_image) for s in range(i, end, spec.tokens_per_image)]
         i = end
     return spans
+
+
+def _spans_after_start(prompt_ids: list[int], spec: VisionSpec) -> list[Span]:
+    starts = [i + 1 for i, token in enumerate(prompt_ids) if token == spec.image_start_id]
+    if starts and starts[-1] + spec.tokens_per_image > len(prompt_ids):
+        raise InvalidRequest(f"prompt: an image start token (id {spec.image_start_id}) is followed by fewer than the "
+                             f"{spec.tokens_per_image} positions one image takes", param="prompt")
+    return [(s, s + spec.tokens_per_image) for s in starts]
 
 
 def check_images(prompt_ids: list[int], pixel_values: np.ndarray | None, spec: VisionSpec | None,

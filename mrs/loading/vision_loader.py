@@ -26,8 +26,12 @@ def load_vision_plain(entry: ModelEntry) -> Checkpoint:
     checkpoint = load_plain(entry)
     hf = read_json(model_dir / "config.json")
     try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{model_dir}: no usable processor (preprocessor_config.json): {e}") from None
+    try:
         vision = registry.get_vision_arch(checkpoint.config.arch)
-        spec = vision.spec_from_hf(hf, dtype=entry.dtype)
+        spec = vision.spec_from_hf(hf, processor, dtype=entry.dtype)
     except KeyError as e:
         raise LoadError(f"{model_dir / 'config.json'}: missing field {e}") from None
     except ValueError as e:
@@ -42,10 +46,6 @@ def load_vision_plain(entry: ModelEntry) -> Checkpoint:
         raise LoadError(f"{model_dir}: image encoder tensor missing: {e.args[0]}") from None
     except (TypeError, ValueError) as e:
         raise LoadError(f"{model_dir}: image encoder tensors do not fit arch {spec.arch!r}: {e}") from None
-    try:
-        processor = AutoProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{model_dir}: no usable processor (preprocessor_config.json): {e}") from None
     checkpoint.vision = VisionParts(spec, params, processor)
     checkpoint.notes.append(f"vision: {spec.arch} image encoder, {spec.tokens_per_image} tokens per image")
     return checkpoint

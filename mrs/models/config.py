@@ -41,6 +41,7 @@ class ModelConfig:
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight)
     sandwich_norms: bool = False  # post-attention, pre- and post-feedforward norms
     embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    position_offset: int = 0  # kosmos2: token p takes sinusoidal position p + this (fairseq's pad + 1)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer SLIDING or FULL; empty means all FULL
     query_pre_attn_scalar: float | None = None  # softmax scale is this ** -0.5 when set

@@ -31,10 +31,12 @@ from mrs.models.layers import (
     Context,
     Embedding,
     GatedMLP,
+    Injected,
     Linear,
     RMSNorm,
     apply_rope,
     cached_attention,
+    inject,
     layer_window,
     rope_inv_freq,
 )
@@ -89,25 +91,20 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(Backbone):
-    def token_embedding(self) -> Embedding:
-        return Embedding(self.config.jnp_dtype, name="embed_tokens")
+    layer_module = DecoderLayer
 
-    def embed(self, table: Embedding, tokens: Array, positions: Array) -> Array:
+    def embed(self, table: Embedding, tokens: Array, positions: Array, injected: Injected | None) -> Array:
         c = self.config
         x = table(tokens)
         if c.embed_scale:  # HF casts the scale to the weight dtype before multiplying
             x = x * jnp.asarray(math.sqrt(c.hidden_size), c.jnp_dtype)
-        return x  # injected embeddings go in after the scale, as HF merges image features
-
-    def layer(self, index: int) -> nn.Module:
-        return DecoderLayer(self.config, index, name=f"layers_{index}")
+        return inject(x, injected)  # after the scale: HF merges Gemma 3's image features unscaled
 
     def final_norm(self) -> nn.Module:
-        return _norm(self.config, "norm")
+        return _norm(self.config, self.final_norm_name)
 
 
 class DecoderForCausalLM(CausalLM):
     """Every rotary family (call contract: ``mrs.models.layers.CausalLM``)."""
 
-    def backbone(self) -> nn.Module:
-        return DecoderModel(self.config, self.stage, name="model")
+    backbone_module = DecoderModel

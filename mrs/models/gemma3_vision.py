@@ -12,6 +12,7 @@ each other bidirectionally on every layer (``VisionSpec.bidirectional``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,8 +56,9 @@ class ImageEncoder(nn.Module):
         return MultiModalProjector(self.config, name="multi_modal_projector")(features)
 
 
-def spec_from_hf(hf: dict, dtype: str = "float32") -> VisionSpec:
-    """The VisionSpec of a ``gemma3`` (multimodal) config.json."""
+def spec_from_hf(hf: dict, processor: Any, dtype: str = "float32") -> VisionSpec:
+    """The VisionSpec of a ``gemma3`` (multimodal) config.json (its ids are all in it: ``processor``
+    is not needed)."""
     if hf.get("model_type") != "gemma3" or "vision_config" not in hf:
         raise ValueError("gemma3 vision: config.json is not a Gemma3ForConditionalGeneration (no vision_config)")
     tower = siglip.config_from_hf(hf["vision_config"], dtype=dtype)

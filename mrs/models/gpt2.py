@@ -28,10 +28,12 @@ from mrs.models.layers import (
     CausalLM,
     Context,
     Embedding,
-    LayerNorm,
+    Injected,
     Linear,
+    PreNormBlock,
     cached_attention,
     dense_weight,
+    inject,
     weight,
 )
 
@@ -70,16 +72,8 @@ class MLP(nn.Module):
         return Linear(True, name="c_proj")(act(Linear(True, name="c_fc")(x)))
 
 
-class Block(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: Array, cache: tuple[Array, Array], context: Context):
-        c = self.config
-        h, cache = Attention(c, name="attn")(LayerNorm(c.norm_eps, name="ln_1")(x), cache, context)
-        x = x + h
-        x = x + MLP(c, name="mlp")(LayerNorm(c.norm_eps, name="ln_2")(x))
-        return x, cache
+class Block(PreNormBlock):
+    attention, mlp, names = Attention, MLP, ("ln_1", "attn", "ln_2", "mlp")
 
 
 class PositionEmbedding(nn.Module):
@@ -92,24 +86,20 @@ class PositionEmbedding(nn.Module):
 
 
 class GPT2Model(Backbone):
-    def token_embedding(self) -> Embedding:
-        return Embedding(self.config.jnp_dtype, name="wte")
+    layer_module = Block
+    layer_prefix = "h"
+    embedding_name = "wte"
+    final_norm_name = "ln_f"
 
-    def embed(self, table: Embedding, tokens: Array, positions: Array) -> Array:
-        return table(tokens) + PositionEmbedding(self.config.jnp_dtype, name="wpe")(positions)
-
-    def layer(self, index: int) -> nn.Module:
-        return Block(self.config, name=f"h_{index}")
-
-    def final_norm(self) -> nn.Module:
-        return LayerNorm(self.config.norm_eps, name="ln_f")
+    def embed(self, table: Embedding, tokens: Array, positions: Array, injected: Injected | None) -> Array:
+        return inject(table(tokens), injected) + PositionEmbedding(self.config.jnp_dtype, name="wpe")(positions)
 
 
 class GPT2LMHeadModel(CausalLM):
     """GPT-2 (call contract: ``mrs.models.layers.CausalLM``)."""
 
-    def backbone(self) -> nn.Module:
-        return GPT2Model(self.config, self.stage, name="transformer")
+    backbone_module = GPT2Model
+    backbone_name = "transformer"
 
 
 def hf_tensor(name: str, value: Any) -> tuple[str, Any] | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -142,6 +142,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's
 }
 
 
@@ -262,6 +263,27 @@ def _attend(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale
     return out.reshape(batch, steps, heads * dim).astype(q.dtype)
 
 
+class PreNormBlock(nn.Module):
+    """The LayerNorm pre-norm block (GPT-2, Kosmos-2): ``x + attention(norm(x))``, then
+    ``x + mlp(norm(x))``. A family names the modules, HF's names in ``names``: (attention
+    norm, attention, MLP norm, MLP); its attention is ``(x, cache, context) -> (x, cache)``."""
+
+    attention: ClassVar[type[nn.Module]]
+    mlp: ClassVar[type[nn.Module]]
+    names: ClassVar[tuple[str, str, str, str]]
+
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: Array, cache: tuple[Array, Array], context: "Context"):
+        c = self.config
+        attn_norm, attn, mlp_norm, mlp = self.names
+        h, cache = self.attention(c, name=attn)(LayerNorm(c.norm_eps, name=attn_norm)(x), cache, context)
+        x = x + h
+        return x + self.mlp(c, name=mlp)(LayerNorm(c.norm_eps, name=mlp_norm)(x)), cache
+
+
 def layer_window(config: ModelConfig, layer: int) -> int | None:
     return config.sliding_window if config.layer_type(layer) == SLIDING else None
 
@@ -293,32 +315,40 @@ class Context(NamedTuple):
 class Backbone(nn.Module):
     """Embed (first stage: with the injected embeddings in place) -> the stage's decoder
     layers -> the final norm (last stage only): ``(inputs, positions, cache, kv_len,
-    injected) -> (hidden, token embedding, cache)``. A family names its parts below;
+    injected) -> (hidden, token embedding, cache)``. A family declares its layer module
+    and HF's names for the parts (overriding ``embed`` or ``final_norm`` where it differs);
     they are built inside ``__call__``, so they become this module's submodules."""
+
+    # Called as layer_module(config, index, name=...): (x, cache, context) -> (x, cache).
+    layer_module: ClassVar[type[nn.Module]]
+    layer_prefix: ClassVar[str] = "layers"
+    embedding_name: ClassVar[str] = "embed_tokens"
+    final_norm_name: ClassVar[str] = "norm"
 
     config: ModelConfig
     stage: Stage = None
 
     def token_embedding(self) -> Embedding:
         """The token table (a tied LM head reads it too)."""
-        raise NotImplementedError
+        return Embedding(self.config.jnp_dtype, name=self.embedding_name)
 
-    def embed(self, table: Embedding, tokens: Array, positions: Array) -> Array:
-        return table(tokens)
+    def embed(self, table: Embedding, tokens: Array, positions: Array, injected: Injected | None) -> Array:
+        """The first stage's input: token embeddings with the injected ones in place (a family
+        that scales or adds positions decides whether the injected ones are scaled too)."""
+        return inject(table(tokens), injected)
 
     def layer(self, index: int) -> nn.Module:
-        """Decoder layer ``index``: ``(x, cache, context) -> (x, cache)``."""
-        raise NotImplementedError
+        return self.layer_module(self.config, index, name=f"{self.layer_prefix}_{index}")
 
     def final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        return LayerNorm(self.config.norm_eps, name=self.final_norm_name)
 
     @nn.compact
     def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None,
                  injected: Injected | None = None) -> tuple[Array, Embedding, KVCache]:
         layers = stage_layers(self.config, self.stage)
         table = self.token_embedding()
-        x = inject(self.embed(table, inputs, positions), injected) if layers.start == 0 else inputs
+        x = self.embed(table, inputs, positions, injected) if layers.start == 0 else inputs
         context = Context(positions, kv_len, None if injected is None else (injected.span_start, injected.span_end))
         new_cache = []
         for i in layers:
@@ -336,15 +366,14 @@ class CausalLM(nn.Module):
     (static) bounds the cache rows attention reads; ``injected`` (a vision prefill) puts
     embeddings at marked positions, see ``Injected``. ``stage`` (num_device_layers)
     runs only those decoder layers, see ``stage_layers``. A family subclasses this
-    and names its decoder stack in ``backbone``.
+    and names its decoder stack (a ``Backbone``) and HF's name for it.
     """
+
+    backbone_module: ClassVar[type[Backbone]]
+    backbone_name: ClassVar[str] = "model"
 
     config: ModelConfig
     stage: Stage = None
-
-    def backbone(self) -> nn.Module:
-        """The family's decoder stack: ``(inputs, positions, cache, kv_len, injected) -> (hidden, embedding, cache)``."""
-        raise NotImplementedError
 
     @nn.compact
     def __call__(
@@ -356,7 +385,8 @@ class CausalLM(nn.Module):
         kv_len: int | None = None,
         injected: Injected | None = None,
     ):
-        hidden, embed, cache = self.backbone()(tokens, positions, cache, kv_len, injected)
+        backbone = self.backbone_module(self.config, self.stage, name=self.backbone_name)
+        hidden, embed, cache = backbone(tokens, positions, cache, kv_len, injected)
         return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
 
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrs.models import gemma3, gemma3_vision, gpt2, llama
+from mrs.models import gemma3, gemma3_vision, gpt2, kosmos2, llama
 from mrs.models.config import ModelConfig
 from mrs.models.decoder import DecoderForCausalLM
 from mrs.models.layers import ACTIVATIONS, Stage, init_cache
@@ -26,9 +26,12 @@ def _same_tensor(name: str, value: Any) -> tuple[str, Any] | None:
     return name, value
 
 
-def _gemma3_tensor(name: str, value: Any) -> tuple[str, Any] | None:
-    ours = gemma3.hf_name(name)
-    return None if ours is None else (ours, value)
+def _renamed(hf_name: Callable[[str], str | None]) -> Callable[[str, Any], tuple[str, Any] | None]:
+    """A tensor mapper from a family's name mapper (None: not the text model's)."""
+    def tensor(name: str, value: Any) -> tuple[str, Any] | None:
+        ours = hf_name(name)
+        return None if ours is None else (ours, value)
+    return tensor
 
 
 @dataclass(frozen=True)
@@ -49,18 +52,20 @@ ARCHS: dict[str, Arch] = {
     "llama": Arch(DecoderForCausalLM, llama.config_from_hf),
     "mistral": Arch(DecoderForCausalLM, llama.config_from_hf),
     "qwen2": Arch(DecoderForCausalLM, llama.config_from_hf),
-    "gemma3": Arch(DecoderForCausalLM, gemma3.config_from_hf, _gemma3_tensor,
+    "gemma3": Arch(DecoderForCausalLM, gemma3.config_from_hf, _renamed(gemma3.hf_name),
                    foreign_prefixes=gemma3.SKIPPED_PREFIXES),
+    "kosmos2": Arch(kosmos2.Kosmos2TextForCausalLM, kosmos2.config_from_hf, _renamed(kosmos2.hf_name),
+                    foreign_prefixes=kosmos2.IMAGE_PREFIXES),
     "gpt2": Arch(gpt2.GPT2LMHeadModel, gpt2.config_from_hf, gpt2.hf_tensor, gpt2.FALLBACK_CHAT_TEMPLATE,
                  embeddings=("wte", "wpe")),
 }
 
 # config.json "model_type" / "architectures" values -> our arch name.
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3",
-                "gemma3_text": "gemma3", "gpt2": "gpt2"}
+                "gemma3_text": "gemma3", "gpt2": "gpt2", "kosmos-2": "kosmos2"}
 _HF_CLASSES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
-               "GPT2LMHeadModel": "gpt2"}
+               "GPT2LMHeadModel": "gpt2", "Kosmos2ForConditionalGeneration": "kosmos2"}
 
 
 # Buffers some older checkpoints saved next to the weights (llama's RoPE table).
@@ -152,7 +157,7 @@ class VisionArch:
     """A family's image side (``mrs.models.vision``); its text tower is the family's ``Arch``."""
 
     encoder: type[nn.Module]  # called as encoder(spec.encoder): pixels [N, C, S, S] -> features [N, T, hidden]
-    spec_from_hf: Callable[..., VisionSpec]  # (hf config dict, dtype=...) -> VisionSpec
+    spec_from_hf: Callable[..., VisionSpec]  # (hf config dict, processor, dtype=...) -> VisionSpec
     hf_name: Callable[[str], str | None]  # a HF tensor name -> the encoder's, None for the text tower's
     # For a family without a chat template (Kosmos-2): (processor, messages with {"type": "image"}
     # parts, PIL images) -> (prompt ids, float32 pixels [N, C, S, S] or None). None: the chat
@@ -162,6 +167,7 @@ class VisionArch:
 
 VISION_ARCHS: dict[str, VisionArch] = {
     "gemma3": VisionArch(gemma3_vision.ImageEncoder, gemma3_vision.spec_from_hf, gemma3_vision.hf_name),
+    "kosmos2": VisionArch(kosmos2.ImageEncoder, kosmos2.spec_from_hf, kosmos2.encoder_name, kosmos2.prompt),
 }
 
 

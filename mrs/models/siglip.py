@@ -62,35 +62,45 @@ def config_from_hf(vision: dict, dtype: str = "float32") -> VisionConfig:
     return config
 
 
+def patch_embed(pixels: Array, conv: dict, patch_size: int) -> Array:
+    """A ``patch_size``-stride ``Conv2d`` (HF's ``weight [hidden, C, p, p]``, optional ``bias``)
+    as one matmul over the flattened patches: ``[N, C, H, W]`` -> ``[N, patches, hidden]``,
+    patches in row-major order."""
+    n, channels, height, width = pixels.shape
+    p = patch_size
+    patches = pixels.reshape(n, channels, height // p, p, width // p, p).transpose(0, 2, 4, 1, 3, 5)
+    patches = patches.reshape(n, (height // p) * (width // p), channels * p * p)
+    w = conv["weight"]
+    x = patches @ w.reshape(w.shape[0], -1).T.astype(patches.dtype)
+    return x + conv["bias"].astype(x.dtype) if "bias" in conv else x
+
+
 class PatchEmbeddings(nn.Module):
     config: VisionConfig
 
     @nn.compact
     def __call__(self, pixels: Array) -> Array:
-        """``pixels [N, C, H, W]`` -> ``[N, patches, hidden]``, patches in row-major order."""
-        c = self.config
-        n, channels, height, width = pixels.shape
-        p = c.patch_size
-        patches = pixels.reshape(n, channels, height // p, p, width // p, p).transpose(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(n, (height // p) * (width // p), channels * p * p)
-        conv = weight(self, "patch_embedding")  # HF Conv2d: weight [hidden, C, p, p] and bias
-        x = patches @ conv["weight"].reshape(c.hidden_size, -1).T.astype(patches.dtype) + conv["bias"]
+        x = patch_embed(pixels, weight(self, "patch_embedding"), self.config.patch_size)
         return x + weight(self, "position_embedding")["weight"].astype(x.dtype)[None]
 
 
 class VisionAttention(nn.Module):
-    config: VisionConfig
+    """Full (unmasked) multi-head attention with biased q/k/v/out projections; ``kv`` (default
+    ``x``) supplies the keys and values (Kosmos-2's latent queries attend to image features)."""
+
+    num_heads: int
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        c = self.config
-        n, steps, _ = x.shape
-        head_dim = c.hidden_size // c.num_heads
-        split = lambda y: y.reshape(n, steps, c.num_heads, head_dim)  # noqa: E731
-        q, k, v = (split(Linear(True, name=f"{name}_proj")(x)) for name in ("q", "k", "v"))
+    def __call__(self, x: Array, kv: Array | None = None) -> Array:
+        kv = x if kv is None else kv
+        n, hidden = x.shape[0], x.shape[-1]
+        head_dim = hidden // self.num_heads
+        split = lambda y: y.reshape(n, y.shape[1], self.num_heads, head_dim)  # noqa: E731
+        q = split(Linear(True, name="q_proj")(x))
+        k, v = (split(Linear(True, name=f"{name}_proj")(kv)) for name in ("k", "v"))
         scores = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) * head_dim**-0.5
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, steps, c.hidden_size)
+        out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, x.shape[1], hidden)
         return Linear(True, name="out_proj")(out)
 
 
@@ -109,7 +119,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        x = x + VisionAttention(c, name="self_attn")(LayerNorm(c.norm_eps, name="layer_norm1")(x))
+        x = x + VisionAttention(c.num_heads, name="self_attn")(LayerNorm(c.norm_eps, name="layer_norm1")(x))
         return x + MLP(c, name="mlp")(LayerNorm(c.norm_eps, name="layer_norm2")(x))
 
 

@@ -17,10 +17,14 @@ from typing import Any
 class VisionSpec:
     arch: str  # a key of mrs.models.registry.VISION_ARCHS
     encoder: Any  # the family's frozen encoder config (hashable: a static argument of the step)
-    image_token_id: int  # the placeholder the processor repeats tokens_per_image times per image
+    # The placeholder the processor repeats tokens_per_image times per image (Gemma 3), or None
+    # when an image's span is the tokens_per_image positions after each image_start_id (Kosmos-2
+    # fills them with ordinary ids).
+    image_token_id: int | None
     tokens_per_image: int
     image_size: int  # pixels per side the processor resizes to
     bidirectional: bool  # an image's tokens attend to each other both ways (Gemma 3)
     channels: int = 3
     max_images: int = 8  # per request
+    image_start_id: int | None = None
     dtype: str = "float32"
