@@ -64,13 +64,15 @@ def kosmos2_config(vocab_size: int, tied: bool = False) -> Kosmos2Config:
     return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=LATENT_QUERIES, tie_word_embeddings=tied)
 
 
-def kosmos2_model(vocab_size: int, seed: int = 0, tied: bool = False) -> Kosmos2ForConditionalGeneration:
+def kosmos2_model(vocab_size: int, seed: int = 0, tied: bool = False,
+                  config: Kosmos2Config | None = None) -> Kosmos2ForConditionalGeneration:
     """Random weights, eager attention, float32: matrices ~ N(0, 1/fan_in), biases N(0, 0.1),
     LayerNorm weights 1 + N(0, 0.1), word embeddings N(0, 0.2) (scaled by sqrt(64) on input),
     the latent queries and the class and position embeddings N(0, 0.5). The head is untied by
     default: tied to random embeddings, greedy decoding falls into repeating one token, which
-    would make token parity a weak test (the real checkpoint is tied; ``tied=True`` builds that)."""
-    config = kosmos2_config(vocab_size, tied)
+    would make token parity a weak test (the real checkpoint is tied; ``tied=True`` builds that).
+    ``config`` replaces the tiny default (tools/bench_vision.py builds larger shapes)."""
+    config = config or kosmos2_config(vocab_size, tied)
     def spread(name: str, p: torch.Tensor) -> tuple[float, float]:
         if name.endswith("embed_tokens.weight"):
             return 0.2, 0.0

@@ -58,7 +58,7 @@ class MeshSteps(Steps):
         self.mesh = mesh
 
     def place_params(self, params: Any) -> Any:
-        return shard_params(params, self.mesh)
+        return shard_params(params, self.mesh, get_arch(self.config.arch))
 
     def init_state(self) -> DecodeState:
         """Created in place on the mesh: no device ever holds the whole cache."""

@@ -25,7 +25,6 @@ from mrs.loading.gguf_weights import iter_hf_tensors
 from mrs.models import registry
 
 PLAIN_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors")
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def is_complete(out_dir: Path) -> bool:
@@ -44,7 +43,8 @@ def write_plain_copy(gguf_path: Path, out_dir: Path) -> Path:
     hf = hf_config_from_gguf(g)
     config = registry.config_from_hf(g.architecture, hf, dtype="float32")
     bos, eos = g.get("tokenizer.ggml.bos_token_id"), list(eos_token_ids(g))
-    hf |= {"architectures": [_HF_CLASSES[hf["model_type"]]], "torch_dtype": "float32",
+    hf_class = registry.get_gguf_tables(g.architecture, g.path).hf_class
+    hf |= {"architectures": [hf_class], "torch_dtype": "float32",
            "bos_token_id": bos, "eos_token_id": eos[0], "pad_token_id": g.get("tokenizer.ggml.padding_token_id")}
     tensors = {name: np.asarray(value, np.float32) for name, value in iter_hf_tensors(g, config, keep_quantized=False)}
     tokenizer = tokenizer_from_gguf(g)

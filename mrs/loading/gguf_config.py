@@ -2,13 +2,13 @@
 
 We rebuild the ``config.json`` that llama.cpp's converter read, then reuse the
 arch's own ``config_from_hf``, so GGUF and safetensors checkpoints meet in one
-mapping. Values llama.cpp does not store but hard-codes per arch are filled in
-with llama.cpp's rule (cited where used).
+mapping. Values llama.cpp does not store but hard-codes per arch are filled in by
+the family's ``GgufTables.hf_config`` with llama.cpp's rule (cited there).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from mrs.errors import LoadError
 from mrs.loading.gguf_reader import GGUFFile
@@ -53,49 +53,14 @@ def _rope_scaling(g: GGUFFile) -> dict[str, Any] | None:
     return {"rope_type": "linear", "factor": float(g.require(f"{a}.rope.scaling.factor"))}
 
 
-def _llama(g: GGUFFile) -> dict[str, Any]:
-    hf = _common(g) | {"model_type": "llama", "hidden_act": "silu"}
-    hf["rope_theta"] = float(g.get("llama.rope.freq_base", 10000.0))
-    rope_dims = g.get("llama.rope.dimension_count")
-    if rope_dims is not None and int(rope_dims) != hf["head_dim"]:
-        raise LoadError(f"{g.path}: partial rotary (rope.dimension_count {rope_dims} < head_dim) is not supported")
-    if "rope_freqs.weight" in g.tensors or _rope_scaling(g) is not None:
-        # Llama 3.1 GGUFs carry llama3 scaling as precomputed factors without its parameters.
-        raise LoadError(f"{g.path}: llama rope scaling (rope_freqs / rope.scaling) is not supported for GGUF")
-    return hf
-
-
-def _gemma3(g: GGUFFile) -> dict[str, Any]:
-    hf = _common(g) | {"model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh"}
-    layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
-    hf["rope_theta"] = float(g.get("gemma3.rope.freq_base", 1_000_000.0))
-    # llama.cpp hard-codes these for gemma3 (llama-model.cpp, LLM_ARCH_GEMMA3): sliding
-    # layers use base 10000, every 6th layer is global, and the attention scale is
-    # 1/sqrt(hidden/heads) for the 27B model (62 layers), else 1/sqrt(head_dim).
-    hf["rope_local_base_freq"] = 10_000.0
-    hf["sliding_window_pattern"] = 6
-    hf["query_pre_attn_scalar"] = hf["hidden_size"] // heads if layers == 62 else hf["head_dim"]
-    hf["sliding_window"] = int(g.require("gemma3.attention.sliding_window"))
+def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
+    """The ``config.json`` dict this GGUF was converted from (as far as it can be known):
+    the keys every arch stores, then the family's own rules (``GgufTables.hf_config``)."""
+    tables = registry.get_gguf_tables(g.architecture, g.path)
+    hf = _common(g)
     if (scaling := _rope_scaling(g)) is not None:
         hf["rope_scaling"] = scaling
-    return hf
-
-
-HF_CONFIG_BUILDERS: dict[str, Callable[[GGUFFile], dict[str, Any]]] = {
-    "llama": _llama,
-    "gemma3": _gemma3,
-}
-
-
-def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
-    """The ``config.json`` dict this GGUF was converted from (as far as it can be known)."""
-    arch = g.architecture
-    builder = HF_CONFIG_BUILDERS.get(arch)
-    if builder is None:
-        raise LoadError(
-            f"{g.path}: unsupported architecture {arch!r} in GGUF; supported: {', '.join(sorted(HF_CONFIG_BUILDERS))}"
-        )
-    return builder(g)
+    return tables.hf_config(g, hf)
 
 
 def model_config_from_gguf(g: GGUFFile, dtype: str = "float32") -> ModelConfig:

@@ -9,7 +9,6 @@ are exactly the ones the model's safetensors checkpoint would hold.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import jax.numpy as jnp
@@ -18,7 +17,8 @@ import numpy as np
 from mrs.errors import LoadError
 from mrs.loading.gguf_reader import GGUFFile, GGUFTensor
 from mrs.models.config import ModelConfig
-from mrs.models.registry import params_from_hf
+from mrs.models.family import GgufTables
+from mrs.models.registry import get_gguf_tables, params_from_hf
 from mrs.quant.gguf import gguf_tensor_to_jax, permute_rows
 
 _TOP_LEVEL = {
@@ -26,43 +26,7 @@ _TOP_LEVEL = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-_PROJECTIONS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
-
-@dataclass(frozen=True)
-class ArchTensors:
-    block: dict[str, str]  # GGUF name inside blk.N -> HF name inside model.layers.N
-    norms_offset: bool  # norms stored as 1 + w (gemma)
-    permuted_qk: bool  # q/k rows permuted for llama.cpp's rope (llama)
-
-
-ARCH_TENSORS = {
-    "llama": ArchTensors(
-        block=_PROJECTIONS | {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
-        norms_offset=False,
-        permuted_qk=True,
-    ),
-    "gemma3": ArchTensors(
-        block=_PROJECTIONS | {
-            "attn_norm": "input_layernorm",
-            "post_attention_norm": "post_attention_layernorm",
-            "ffn_norm": "pre_feedforward_layernorm",
-            "post_ffw_norm": "post_feedforward_layernorm",
-            "attn_q_norm": "self_attn.q_norm",
-            "attn_k_norm": "self_attn.k_norm",
-        },
-        norms_offset=True,
-        permuted_qk=False,
-    ),
-}
 
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP_NAME = re.compile(r"^(\w+)\.(weight|bias)$")
@@ -70,7 +34,7 @@ _TOP_NAME = re.compile(r"^(\w+)\.(weight|bias)$")
 
 def hf_tensor_name(gguf_name: str, arch: str) -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (LoadError if unknown)."""
-    table = ARCH_TENSORS[arch]
+    table = get_gguf_tables(arch, gguf_name)
     if m := _BLOCK_NAME.match(gguf_name):
         layer, part, kind = m.groups()
         if part in table.block:
@@ -89,7 +53,7 @@ def unpermute_qk_rows(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _convert(t: GGUFTensor, hf_name: str, config: ModelConfig, table: ArchTensors, keep_quantized: bool) -> Any:
+def _convert(t: GGUFTensor, hf_name: str, config: ModelConfig, table: GgufTables, keep_quantized: bool) -> Any:
     dtype = config.jnp_dtype
     if hf_name.endswith("norm.weight"):
         # Norms are small: always plain, and the +1 offset is undone in float32 before the cast.
@@ -107,9 +71,7 @@ def _convert(t: GGUFTensor, hf_name: str, config: ModelConfig, table: ArchTensor
 def iter_hf_tensors(g: GGUFFile, config: ModelConfig, keep_quantized: bool) -> Iterator[tuple[str, Any]]:
     """``(hf_name, value)`` for every tensor of ``g``, converted to the HF layout."""
     arch = g.architecture
-    if arch not in ARCH_TENSORS:
-        raise LoadError(f"{g.path}: unsupported architecture {arch!r}; supported: {', '.join(sorted(ARCH_TENSORS))}")
-    table = ARCH_TENSORS[arch]
+    table = get_gguf_tables(arch, g.path)
     for t in g.tensors.values():
         name = hf_tensor_name(t.name, arch)
         yield name, _convert(t, name, config, table, keep_quantized)

@@ -17,7 +17,12 @@ Differences from llama that matter for parity with HF transformers:
 
 from __future__ import annotations
 
+from typing import Any
+
+from mrs.models import gemma3_vision
 from mrs.models.config import FULL, SLIDING, ModelConfig
+from mrs.models.decoder import DecoderForCausalLM
+from mrs.models.family import LLAMA_CPP_PROJECTIONS, Family, GgufTables, Vision, renamed
 
 # Tensor-name prefixes of the multimodal checkpoint's text tower, mapped to ours.
 HF_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -103,3 +108,40 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
         tie_word_embeddings=bool(tied),
         dtype=dtype,
     )
+
+
+def _gguf_config(g: Any, hf: dict[str, Any]) -> dict[str, Any]:
+    layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    # llama.cpp hard-codes these for gemma3 (llama-model.cpp, LLM_ARCH_GEMMA3): sliding
+    # layers use base 10000, every 6th layer is global, and the attention scale is
+    # 1/sqrt(hidden/heads) for the 27B model (62 layers), else 1/sqrt(head_dim).
+    return hf | {
+        "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
+        "rope_theta": float(g.get("gemma3.rope.freq_base", 1_000_000.0)),
+        "rope_local_base_freq": 10_000.0, "sliding_window_pattern": 6,
+        "query_pre_attn_scalar": hf["hidden_size"] // heads if layers == 62 else hf["head_dim"],
+        "sliding_window": int(g.require("gemma3.attention.sliding_window")),
+    }
+
+
+FAMILY = Family(
+    archs=("gemma3",),
+    module=DecoderForCausalLM,
+    config_from_hf=config_from_hf,
+    model_types={"gemma3": "gemma3", "gemma3_text": "gemma3"},
+    hf_classes={"Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3"},
+    hf_tensor=renamed(hf_name),
+    foreign_prefixes=SKIPPED_PREFIXES,
+    gguf={"gemma3": GgufTables(
+        _gguf_config,
+        block=LLAMA_CPP_PROJECTIONS | {
+            "attn_norm": "input_layernorm",
+            "post_attention_norm": "post_attention_layernorm",
+            "ffn_norm": "pre_feedforward_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+            "attn_q_norm": "self_attn.q_norm",
+            "attn_k_norm": "self_attn.k_norm",
+        },
+        hf_class="Gemma3ForCausalLM", norms_offset=True)},
+    vision=Vision(gemma3_vision.ImageEncoder, gemma3_vision.spec_from_hf, gemma3_vision.hf_name),
+)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mrs.models.config import ModelConfig
+from mrs.models.family import Family
 from mrs.models.layers import (
     ACTIVATIONS,
     Backbone,
@@ -140,3 +141,17 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         dtype=dtype,
     )
+
+
+FAMILY = Family(
+    archs=("gpt2",),
+    module=GPT2LMHeadModel,
+    config_from_hf=config_from_hf,
+    model_types={"gpt2": "gpt2"},
+    hf_classes={"GPT2LMHeadModel": "gpt2"},
+    hf_tensor=hf_tensor,
+    fallback_chat_template=FALLBACK_CHAT_TEMPLATE,
+    embeddings=("wte", "wpe"),
+    column_parallel=("c_attn", "c_fc"),
+    row_parallel=("c_proj",),  # both attn.c_proj and mlp.c_proj
+)

@@ -29,22 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrs.errors import InvalidRequest
-from mrs.models import clip, siglip
+from mrs.models import clip, layers, siglip
 from mrs.models.config import ModelConfig
-from mrs.models.layers import (
-    ACTIVATIONS,
-    Backbone,
-    CausalLM,
-    Context,
-    Embedding,
-    Injected,
-    LayerNorm,
-    Linear,
-    PreNormBlock,
-    cached_attention,
-    inject,
-    weight,
-)
+from mrs.models.family import Family, Vision, renamed
+from mrs.models.layers import LayerNorm, Linear
 from mrs.models.vision import VisionSpec
 
 Array = jax.Array
@@ -113,11 +101,11 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cache: tuple[Array, Array], context: Context):
+    def __call__(self, x: Array, cache: tuple[Array, Array], context: layers.Context):
         c = self.config
         heads = (*x.shape[:2], c.num_heads, c.head_dim)
         q, k, v = (Linear(True, name=f"{n}_proj")(x).reshape(heads) for n in "qkv")
-        out, cache = cached_attention(q, k, v, cache, context.positions, scale=c.head_dim**-0.5, window=None,
+        out, cache = layers.cached_attention(q, k, v, cache, context.positions, scale=c.head_dim**-0.5, window=None,
                                       kv_len=context.kv_len, spans=context.spans)
         out = LayerNorm(c.norm_eps, name="inner_attn_ln")(out)
         return Linear(True, name="out_proj")(out), cache
@@ -129,27 +117,27 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        h = ACTIVATIONS[c.hidden_activation](Linear(True, name="fc1")(x))
+        h = layers.ACTIVATIONS[c.hidden_activation](Linear(True, name="fc1")(x))
         return Linear(True, name="fc2")(LayerNorm(c.norm_eps, name="ffn_layernorm")(h))
 
 
-class Block(PreNormBlock):
+class Block(layers.PreNormBlock):
     attention, mlp, names = Attention, FFN, ("self_attn_layer_norm", "self_attn", "final_layer_norm", "ffn")
 
 
-class TextTransformer(Backbone):
+class TextTransformer(layers.Backbone):
     layer_module = Block
     final_norm_name = "layer_norm"
 
-    def embed(self, table: Embedding, tokens: Array, positions: Array, injected: Injected | None) -> Array:
+    def embed(self, table: layers.Embedding, tokens: Array, positions: Array, injected: layers.Injected | None) -> Array:
         c = self.config
-        x = inject(table(tokens), injected)  # before the scale: HF scales the image features too
+        x = layers.inject(table(tokens), injected)  # before the scale: HF scales the image features too
         if c.embed_scale:
             x = x * math.sqrt(c.hidden_size)
         return x + sinusoidal_positions(positions, c.hidden_size, c.position_offset).astype(x.dtype)
 
 
-class Kosmos2TextForCausalLM(CausalLM):
+class Kosmos2TextForCausalLM(layers.CausalLM):
     """Kosmos-2's text decoder (call contract: ``mrs.models.layers.CausalLM``)."""
 
     backbone_module = TextTransformer
@@ -169,7 +157,7 @@ class ImageToTextProjection(nn.Module):
     @nn.compact
     def __call__(self, features: Array) -> Array:
         x = Linear(True, name="dense")(features)
-        queries = jnp.broadcast_to(weight(self, "latent_query").astype(x.dtype)[None], (x.shape[0],) + (
+        queries = jnp.broadcast_to(layers.weight(self, "latent_query").astype(x.dtype)[None], (x.shape[0],) + (
             self.config.latent_queries, x.shape[-1]))
         return siglip.VisionAttention(self.config.text_heads, name="x_attn")(
             queries, jnp.concatenate([x, queries], axis=1))
@@ -225,3 +213,17 @@ def prompt(processor: Any, messages: list[dict[str, Any]], images: list[Any]) ->
     out = processor(text=text, images=images[0] if images else None, return_tensors="np")
     pixels = out["pixel_values"].astype(np.float32) if images else None
     return np.asarray(out["input_ids"]).reshape(-1).tolist(), pixels
+
+
+FAMILY = Family(
+    archs=("kosmos2",),
+    module=Kosmos2TextForCausalLM,
+    config_from_hf=config_from_hf,
+    model_types={"kosmos-2": "kosmos2"},
+    hf_classes={"Kosmos2ForConditionalGeneration": "kosmos2"},
+    hf_tensor=renamed(hf_name),
+    foreign_prefixes=IMAGE_PREFIXES,
+    column_parallel=("q_proj", "k_proj", "v_proj", "fc1"),
+    row_parallel=("out_proj", "fc2"),
+    vision=Vision(ImageEncoder, spec_from_hf, encoder_name, prompt),
+)

@@ -7,7 +7,12 @@ bias (qwen2), SwiGLU MLP, RMSNorm, tied or untied LM head: the decoder's default
 
 from __future__ import annotations
 
+from typing import Any
+
+from mrs.errors import LoadError
 from mrs.models.config import FULL, SLIDING, ModelConfig
+from mrs.models.decoder import DecoderForCausalLM
+from mrs.models.family import LLAMA_CPP_PROJECTIONS, Family, GgufTables
 
 
 def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
@@ -56,3 +61,27 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=dtype,
     )
+
+
+def _gguf_config(g: Any, hf: dict[str, Any]) -> dict[str, Any]:
+    hf = hf | {"model_type": "llama", "hidden_act": "silu", "rope_theta": float(g.get("llama.rope.freq_base", 10000.0))}
+    rope_dims = g.get("llama.rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != hf["head_dim"]:
+        raise LoadError(f"{g.path}: partial rotary (rope.dimension_count {rope_dims} < head_dim) is not supported")
+    if "rope_freqs.weight" in g.tensors or "rope_scaling" in hf:
+        # Llama 3.1 GGUFs carry llama3 scaling as precomputed factors without its parameters.
+        raise LoadError(f"{g.path}: llama rope scaling (rope_freqs / rope.scaling) is not supported for GGUF")
+    return hf
+
+
+FAMILY = Family(
+    archs=("llama", "mistral", "qwen2"),
+    module=DecoderForCausalLM,
+    config_from_hf=config_from_hf,
+    model_types={"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"},
+    hf_classes={"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"},
+    gguf={"llama": GgufTables(
+        _gguf_config,
+        block=LLAMA_CPP_PROJECTIONS | {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        hf_class="LlamaForCausalLM", permuted_qk=True)},
+)

@@ -1,4 +1,4 @@
-"""Architecture registry: the ``-a/--arch`` name -> Flax module class and HF config mapper.
+"""Architecture registry: the ``-a/--arch`` name -> its family's record (``mrs.models.family``).
 
 Loaders meet the models here: ``config_from_hf`` turns a ``config.json`` into a
 ``ModelConfig``, ``params_from_hf`` turns HF-named tensors into the module's
@@ -7,65 +7,29 @@ parameter tree, ``check_params`` proves the tree is complete before serving.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrs.models import gemma3, gemma3_vision, gpt2, kosmos2, llama
+from mrs.errors import LoadError
+from mrs.models import gemma3, gpt2, kosmos2, llama
 from mrs.models.config import ModelConfig
-from mrs.models.decoder import DecoderForCausalLM
+from mrs.models.family import Family, GgufTables, Vision
 from mrs.models.layers import ACTIVATIONS, Stage, init_cache
 from mrs.models.params import nest
 from mrs.models.vision import VisionSpec
 
+# Every family, one record each (mrs.models.family); a new family is a file and a line here.
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, gemma3.FAMILY, gpt2.FAMILY, kosmos2.FAMILY)
 
-def _same_tensor(name: str, value: Any) -> tuple[str, Any] | None:
-    return name, value
-
-
-def _renamed(hf_name: Callable[[str], str | None]) -> Callable[[str, Any], tuple[str, Any] | None]:
-    """A tensor mapper from a family's name mapper (None: not the text model's)."""
-    def tensor(name: str, value: Any) -> tuple[str, Any] | None:
-        ours = hf_name(name)
-        return None if ours is None else (ours, value)
-    return tensor
-
-
-@dataclass(frozen=True)
-class Arch:
-    module: type[nn.Module]  # called as module(config, stage)
-    config_from_hf: Callable[..., ModelConfig]  # (hf config dict, dtype=...) -> ModelConfig
-    # One HF tensor -> (our name, array) or None to skip it (renames, layout fixes).
-    hf_tensor: Callable[[str, Any], tuple[str, Any] | None] = _same_tensor
-    # Used only when the checkpoint has no chat template and none is configured.
-    fallback_chat_template: str | None = None
-    # The first stage's modules besides its layers (token embedding first: a tied head reads it).
-    embeddings: tuple[str, ...] = ("embed_tokens",)
-    # HF tensor-name prefixes that are not the text model's (a vision tower): never read.
-    foreign_prefixes: tuple[str, ...] = ()
-
-
-ARCHS: dict[str, Arch] = {
-    "llama": Arch(DecoderForCausalLM, llama.config_from_hf),
-    "mistral": Arch(DecoderForCausalLM, llama.config_from_hf),
-    "qwen2": Arch(DecoderForCausalLM, llama.config_from_hf),
-    "gemma3": Arch(DecoderForCausalLM, gemma3.config_from_hf, _renamed(gemma3.hf_name),
-                   foreign_prefixes=gemma3.SKIPPED_PREFIXES),
-    "kosmos2": Arch(kosmos2.Kosmos2TextForCausalLM, kosmos2.config_from_hf, _renamed(kosmos2.hf_name),
-                    foreign_prefixes=kosmos2.IMAGE_PREFIXES),
-    "gpt2": Arch(gpt2.GPT2LMHeadModel, gpt2.config_from_hf, gpt2.hf_tensor, gpt2.FALLBACK_CHAT_TEMPLATE,
-                 embeddings=("wte", "wpe")),
-}
-
+ARCHS: dict[str, Family] = {arch: family for family in FAMILIES for arch in family.archs}
+VISION_ARCHS: dict[str, Vision] = {arch: f.vision for arch, f in ARCHS.items() if f.vision is not None}
+GGUF_ARCHS: dict[str, GgufTables] = {arch: tables for f in FAMILIES for arch, tables in f.gguf.items()}
 # config.json "model_type" / "architectures" values -> our arch name.
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3",
-                "gemma3_text": "gemma3", "gpt2": "gpt2", "kosmos-2": "kosmos2"}
-_HF_CLASSES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
-               "GPT2LMHeadModel": "gpt2", "Kosmos2ForConditionalGeneration": "kosmos2"}
+_MODEL_TYPES = {key: arch for f in FAMILIES for key, arch in f.model_types.items()}
+_HF_CLASSES = {key: arch for f in FAMILIES for key, arch in f.hf_classes.items()}
 
 
 # Buffers some older checkpoints saved next to the weights (llama's RoPE table).
@@ -77,7 +41,7 @@ def text_tensor(arch: str, name: str) -> bool:
     return not name.startswith(get_arch(arch).foreign_prefixes)
 
 
-def get_arch(name: str) -> Arch:
+def get_arch(name: str) -> Family:
     try:
         return ARCHS[name]
     except KeyError:
@@ -152,26 +116,7 @@ def check_params(config: ModelConfig, params: dict) -> None:
     jax.eval_shape(run, params, tokens)
 
 
-@dataclass(frozen=True)
-class VisionArch:
-    """A family's image side (``mrs.models.vision``); its text tower is the family's ``Arch``."""
-
-    encoder: type[nn.Module]  # called as encoder(spec.encoder): pixels [N, C, S, S] -> features [N, T, hidden]
-    spec_from_hf: Callable[..., VisionSpec]  # (hf config dict, processor, dtype=...) -> VisionSpec
-    hf_name: Callable[[str], str | None]  # a HF tensor name -> the encoder's, None for the text tower's
-    # For a family without a chat template (Kosmos-2): (processor, messages with {"type": "image"}
-    # parts, PIL images) -> (prompt ids, float32 pixels [N, C, S, S] or None). None: the chat
-    # template renders the prompt and the processor expands its images.
-    prompt: Callable[[Any, list[dict[str, Any]], list[Any]], tuple[list[int], Any]] | None = None
-
-
-VISION_ARCHS: dict[str, VisionArch] = {
-    "gemma3": VisionArch(gemma3_vision.ImageEncoder, gemma3_vision.spec_from_hf, gemma3_vision.hf_name),
-    "kosmos2": VisionArch(kosmos2.ImageEncoder, kosmos2.spec_from_hf, kosmos2.encoder_name, kosmos2.prompt),
-}
-
-
-def get_vision_arch(name: str) -> VisionArch:
+def get_vision_arch(name: str) -> Vision:
     try:
         return VISION_ARCHS[name]
     except KeyError:
@@ -188,3 +133,12 @@ def check_encoder_params(spec: VisionSpec, params: dict) -> None:
     """Trace the image encoder once (shapes only) so a missing tensor fails at load time."""
     pixels = jax.ShapeDtypeStruct((1, spec.channels, spec.image_size, spec.image_size), jnp.float32)
     jax.eval_shape(lambda p, x: build_encoder(spec).apply({"params": p}, x), params, pixels)
+
+
+def get_gguf_tables(arch: str, path: Any) -> GgufTables:
+    """How llama.cpp stored GGUF architecture ``arch`` (LoadError naming ``path`` if unknown)."""
+    try:
+        return GGUF_ARCHS[arch]
+    except KeyError:
+        raise LoadError(f"{path}: unsupported architecture {arch!r} in GGUF; "
+                        f"supported: {', '.join(sorted(GGUF_ARCHS))}") from None

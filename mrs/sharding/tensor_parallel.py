@@ -1,8 +1,8 @@
 """``tensor_parallel: N``: shard every layer over a 1-D device mesh (Megatron-style rules).
 
-Column-parallel projections (q/k/v, gate/up, GPT-2's c_attn/c_fc) split their
-output rows; row-parallel ones (o_proj, down_proj, c_proj) split their input
-columns, so each device holds 1/N of every layer and XLA's SPMD partitioner
+Column-parallel projections (q/k/v, gate/up, GPT-2's c_attn/c_fc: each family's
+``column_parallel``) split their output rows; row-parallel ones (o_proj, down_proj,
+c_proj: ``row_parallel``) split their input columns, so each device holds 1/N of every layer and XLA's SPMD partitioner
 inserts the one all-reduce per block. Embeddings, norms and the head are
 replicated. The KV cache splits its kv-heads axis. N must divide the attention
 and kv heads (``check_heads``), so no head spans two devices; another dimension
@@ -24,11 +24,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mrs.errors import ConfigError
+from mrs.models.family import Family
 from mrs.quant.qarray import QArray
 
 AXIS = "tp"
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc")
-ROW_PARALLEL = ("o_proj", "down_proj", "c_proj")
 
 
 def make_mesh(n: int, devices: Sequence[Any] | None = None) -> Mesh:
@@ -61,32 +60,34 @@ def _split(shape: tuple[int, ...], axis: int, mesh: Mesh) -> P:
     return P(*[None] * axis, AXIS)
 
 
-def _leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, quantized_axis: int | None = None) -> P:
+def _leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, family: Family,
+               quantized_axis: int | None = None) -> P:
     if len(path) < 2 or not shape:
         return P()
     module, name = path[-2], path[-1]
-    if module in COLUMN_PARALLEL:
+    if module in family.column_parallel:
         return _split(shape, 0, mesh)  # weight rows and the bias both follow the output dim
-    if module in ROW_PARALLEL and name == "weight":
+    if module in family.row_parallel and name == "weight":
         return _split(shape, 1 if quantized_axis is None else quantized_axis, mesh)
     return P()
 
 
-def _shard_leaf(path: tuple[str, ...], value: Any, mesh: Mesh) -> Any:
+def _shard_leaf(path: tuple[str, ...], value: Any, mesh: Mesh, family: Family) -> Any:
     if isinstance(value, QArray):
         # data/high [rows, nblocks, ...], scale/min [rows, nblocks]: split rows or whole blocks.
-        spec = _leaf_spec(path, value.data.shape, mesh, quantized_axis=1)
+        spec = _leaf_spec(path, value.data.shape, mesh, family, quantized_axis=1)
         return value.map_arrays(lambda a: jax.device_put(a, NamedSharding(mesh, P(*spec[: a.ndim]))))
-    return jax.device_put(value, NamedSharding(mesh, _leaf_spec(path, tuple(value.shape), mesh)))
+    return jax.device_put(value, NamedSharding(mesh, _leaf_spec(path, tuple(value.shape), mesh, family)))
 
 
-def shard_params(params: dict, mesh: Mesh) -> dict:
-    """The params tree placed on ``mesh`` by the rules above (QArrays split by whole blocks)."""
+def shard_params(params: dict, mesh: Mesh, family: Family) -> dict:
+    """The params tree placed on ``mesh`` by the rules above and the family's module names
+    (QArrays split by whole blocks)."""
 
     def walk(node: Any, path: tuple[str, ...]) -> Any:
         if isinstance(node, dict):
             return {k: walk(v, path + (k,)) for k, v in node.items()}
-        return _shard_leaf(path, node, mesh)
+        return _shard_leaf(path, node, mesh, family)
 
     return walk(params, ())
 
