@@ -137,7 +137,7 @@ def test_unknown_model_type(llama, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config.update(model_type="bert", architectures=["BertForMaskedLM"])
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LoadError, match=r"unsupported architecture.*'bert'.*supported: gemma3, gpt2, llama, mistral, qwen2"):
+    with pytest.raises(LoadError, match=r"unsupported architecture.*'bert'.*supported: gemma3, gpt2, kosmos2, llama, mistral, qwen2"):
         load_plain(entry(path))
     with pytest.raises(LoadError, match="unsupported architecture 'bert'"):
         load_plain(entry(path, arch="bert"))

@@ -146,9 +146,7 @@ class Kosmos2TextForCausalLM(layers.CausalLM):
 @dataclass(frozen=True)
 class EncoderConfig:
     tower: siglip.VisionConfig
-    latent_queries: int
-    text_hidden: int
-    text_heads: int
+    text_heads: int  # the latent queries' attention heads (the text decoder's)
 
 
 class ImageToTextProjection(nn.Module):
@@ -157,14 +155,14 @@ class ImageToTextProjection(nn.Module):
     @nn.compact
     def __call__(self, features: Array) -> Array:
         x = Linear(True, name="dense")(features)
-        queries = jnp.broadcast_to(layers.weight(self, "latent_query").astype(x.dtype)[None], (x.shape[0],) + (
-            self.config.latent_queries, x.shape[-1]))
+        latent = layers.weight(self, "latent_query").astype(x.dtype)  # [queries, text hidden]
+        queries = jnp.broadcast_to(latent[None], (x.shape[0], *latent.shape))
         return siglip.VisionAttention(self.config.text_heads, name="x_attn")(
             queries, jnp.concatenate([x, queries], axis=1))
 
 
 class ImageEncoder(nn.Module):
-    """``pixels [N, 3, S, S]`` -> ``[N, latent_queries, text hidden]``, unscaled (the text
+    """``pixels [N, 3, S, S]`` -> ``[N, latent queries, text hidden]``, unscaled (the text
     decoder scales them with its token embeddings)."""
 
     config: EncoderConfig
@@ -186,7 +184,7 @@ def spec_from_hf(hf: dict, processor: Any, dtype: str = "float32") -> VisionSpec
     text = config_from_hf(hf, dtype=dtype)
     queries = int(hf.get("latent_query_num", 64))
     return VisionSpec(
-        arch="kosmos2", encoder=EncoderConfig(tower, queries, text.hidden_size, text.num_heads),
+        arch="kosmos2", encoder=EncoderConfig(tower, text.num_heads),
         image_token_id=None, image_start_id=processor.tokenizer.convert_tokens_to_ids(processor.boi_token),
         tokens_per_image=queries, image_size=tower.image_size,
         bidirectional=False, channels=tower.num_channels, max_images=1, dtype=dtype,
