@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seqs", type=int, default=EngineConfig.max_batch,
                         help=f"concurrent sequences per model, i.e. decode slots (default {EngineConfig.max_batch})")
     parser.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len,
-                        help=f"KV cache rows per sequence, capped by the model's context (default {EngineConfig.max_seq_len})")
+                        help=f"longest sequence, capped by the model's context and the KV pool "
+                             f"(default {EngineConfig.max_seq_len})")
+    parser.add_argument("--kv-tokens", type=int, default=EngineConfig.kv_tokens,
+                        help="KV cache pool per model in tokens, shared by its sequences (default %(default)s)")
+    parser.add_argument("--kv-memory", default=None,
+                        help="KV cache pool per model in bytes, e.g. 512MiB (overrides --kv-tokens)")
+    parser.add_argument("--kv-page-size", type=int, default=EngineConfig.kv_page_size,
+                        help="tokens per KV cache page (default %(default)s)")
+    parser.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="KV cache element type (default: the model's dtype)")
     parser.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
                         help="waiting requests per model before 429 (default %(default)s)")
     parser.add_argument("--prefill-buckets", type=_int_list, default=None,
@@ -156,6 +165,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                           "--multi-model-config FILE")
     engine = EngineConfig(
         max_batch=args.max_seqs, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+        kv_tokens=args.kv_tokens, kv_memory=args.kv_memory, kv_page_size=args.kv_page_size, kv_dtype=args.kv_dtype,
         warmup=not args.no_warmup,
     )
     if args.prefill_buckets:

@@ -32,6 +32,8 @@ from mrs.models.registry import ARCHS, VISION_ARCHS
 from mrs.pipeline import Pipeline, load
 from serving.memory import MemoryBudget
 
+# What /v1/models/status reports of a loaded model's engine stats.
+MEMORY_STATS = ("param_bytes", "kv_cache_bytes", "kv_pages_total", "kv_pages_used", "kv_page_size")
 log = logging.getLogger(__name__)
 
 LOADING, LOADED, UNLOADED, EVICTED, FAILED = "loading", "loaded", "unloaded", "evicted", "failed"
@@ -212,12 +214,13 @@ class ModelTable:
         return self._row(model_id).error
 
     def memory(self, model_id: str) -> dict[str, int] | None:
-        """A loaded model's parameter and KV cache bytes (its engine's measurement); else None."""
+        """A loaded model's parameter and KV cache bytes (its engine's measurement) and its KV
+        pool's pages (total, in use, tokens per page); else None."""
         served = self._row(model_id).served
         if served is None:
             return None
         stats = served.stats()
-        return {"param_bytes": stats["param_bytes"], "kv_cache_bytes": stats["kv_cache_bytes"]}
+        return {key: stats[key] for key in MEMORY_STATS}
 
     def card(self, model_id: str) -> dict[str, Any]:
         """The mrs fields of a model's card: status, pinned, last_used, expires_at, memory."""
@@ -500,7 +503,8 @@ def _summary(pipeline: Pipeline) -> str:
     stats = pipeline.stats()
     notes = "".join(f"; {note}" for note in pipeline.notes)  # e.g. which chat template
     return (f"arch {pipeline.config.arch}, context {pipeline.context_limit}, {stats['slots_total']} slots, "
-            f"params {_size(stats['param_bytes'])}, KV cache {_size(stats['kv_cache_bytes'])}, "
+            f"params {_size(stats['param_bytes'])}, KV cache {_size(stats['kv_cache_bytes'])} "
+            f"({stats['kv_pages_total']} pages of {stats['kv_page_size']} tokens), "
             f"warm-up {stats['warmup_s']:.1f}s{notes}")
 
 

@@ -32,7 +32,8 @@ from transformers import (
 )
 
 from mrs.models.config import ModelConfig
-from mrs.models.layers import PAD_POSITION, init_cache
+from mrs.models.kv_cache import init_cache
+from mrs.models.layers import PAD_POSITION
 from mrs.models.registry import build_model
 
 # Tiny models on a shared 2-core box: torch's thread pool only adds contention.

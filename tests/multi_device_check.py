@@ -97,7 +97,7 @@ def check_mesh(engine: Engine, n: int) -> None:
     assert q.sharding.spec[0] == "tp" and len(q.sharding.device_set) == n, q.sharding
     assert {s.data.shape[0] for s in q.addressable_shards} == {q.shape[0] // n}
     assert o.sharding.spec[1] == "tp", o.sharding
-    for k, v in engine._state.cache:  # [B, Hkv, S, D]
+    for k, v in engine._state.cache:  # page pools [P, Hkv, D, page], [P, Hkv, page, D]
         assert k.sharding.spec[1] == v.sharding.spec[1] == "tp", k.sharding
         assert {s.data.shape[1] for s in k.addressable_shards} == {k.shape[1] // n}
     for step in ("prefill", "decode"):
@@ -111,7 +111,8 @@ def check_mesh_decode_local(engine: Engine) -> None:
     key = next(key for key in engine._steps.traces if key.startswith("decode/"))
     rows, kv_len = map(int, key.split("/")[1:])
     active = jnp.ones((CONFIG.max_batch,), bool)
-    lowered = engine._steps.decode.lower(engine._params, engine._state, active, engine._all_allowed, kv_len=kv_len, rows=rows)
+    lowered = engine._steps.decode.lower(engine._params, engine._state, active, engine._all_allowed,
+                                         engine._pages.tables, kv_len=kv_len, rows=rows)
     hlo = lowered.compile().as_text()
     assert "mrs_qmatmul" not in hlo and "mrs_decode_attention" not in hlo
     gathered = re.findall(r"= (\w+)\[[^\]]*\][^ ]* all-gather\(", hlo)

@@ -65,8 +65,10 @@ def run_many(engine: Engine, requests: list[GenerationRequest]) -> list[list[int
 def hf_greedy(reference, ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
     """HF transformers' greedy continuation and the log-softmax at each step."""
     with torch.no_grad():
+        # An explicit mask: with pad_token_id 0, generate would mask out every 0 in a random prompt.
         out = reference.generate(
-            torch.tensor([ids]), max_new_tokens=steps, do_sample=False, output_scores=False,
+            torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            max_new_tokens=steps, do_sample=False, output_scores=False,
             output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
         )
     logits = torch.stack(out.logits, 1)[0].float()

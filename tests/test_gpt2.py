@@ -22,7 +22,7 @@ from mrs.config.schema import ModelEntry, ModelSource
 from mrs.loading.load import load_checkpoint
 from mrs.loading.safetensors_reader import load_plain
 from mrs.models.gpt2 import FALLBACK_CHAT_TEMPLATE
-from mrs.models.layers import init_cache
+from mrs.models.kv_cache import init_cache
 from mrs.quant import QArray
 
 

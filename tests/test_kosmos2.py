@@ -18,7 +18,7 @@ from mrs.config.schema import VISION_PLAIN, EngineConfig, ModelEntry, ModelSourc
 from mrs.engine.image_plan import chunk_injection, chunk_plan, image_spans
 from mrs.errors import InvalidRequest
 from mrs.loading.load import load_checkpoint
-from mrs.models.layers import init_cache
+from mrs.models.kv_cache import init_cache
 from mrs.models.registry import build_encoder, build_model
 
 STEPS = 8

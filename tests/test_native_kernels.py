@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from mrs.models.layers import PAD_POSITION, cached_attention
+from mrs.models.kv_cache import NO_PAGE
+from mrs.models.layers import PAD_POSITION, Context, cached_attention
 from mrs.quant import QArray, native
 from mrs.quant.gguf import gguf_tensor_to_jax
 from mrs.quant.isq import quantize_array
@@ -89,7 +90,31 @@ def _attention_inputs(slots: int, kv_heads: int, group: int, dim: int, seq: int,
     return f(slots, 1, kv_heads * group, dim), f(slots, 1, kv_heads, dim), f(slots, 1, kv_heads, dim), cache
 
 
+def _paged(cache: tuple, page: int, seed: int = 1) -> tuple[tuple, jax.Array]:
+    """The contiguous ``cache``'s rows scattered over a shuffled pool of ``page``-row pages
+    (two spare pages), and the block tables that find them again."""
+    k, v = (np.asarray(a) for a in cache)
+    slots, heads, dim, seq = k.shape
+    n = -(-seq // page)
+    pool = slots * n + 2
+    order = np.random.default_rng(seed).permutation(pool)[: slots * n].reshape(slots, n)
+    k_pool = np.zeros((pool, heads, dim, page), np.float32)
+    v_pool = np.zeros((pool, heads, page, dim), np.float32)
+    for s in range(slots):
+        for j in range(n):
+            rows = slice(j * page, min((j + 1) * page, seq))
+            width = rows.stop - rows.start
+            k_pool[order[s, j], :, :, :width] = k[s, :, :, rows]
+            v_pool[order[s, j], :, :width] = v[s, :, rows]
+    return (jnp.asarray(k_pool), jnp.asarray(v_pool)), jnp.asarray(order, jnp.int32)
+
+
+def _attend(q, k, v, cache, positions, pages=None, **kwargs):
+    return cached_attention(q, k, v, cache, Context(positions, kwargs.pop("kv_len"), None, pages), **kwargs)
+
+
 @needs_kernels
+@pytest.mark.parametrize("page", [None, 32, 16])
 @pytest.mark.parametrize(
     "kv_heads, group, dim, seq, kv_len, window, softcap",
     [
@@ -98,17 +123,21 @@ def _attention_inputs(slots: int, kv_heads: int, group: int, dim: int, seq: int,
         (2, 1, 24, 37, 37, None, 30.0),  # no GQA, head_dim % 32 != 0, odd cache, softcap
     ],
 )
-def test_decode_attention_equals_xla(kv_heads, group, dim, seq, kv_len, window, softcap) -> None:
-    q, k, v, cache = _attention_inputs(4, kv_heads, group, dim, seq)
+def test_decode_attention_equals_xla(kv_heads, group, dim, seq, kv_len, window, softcap, page) -> None:
+    q, k, v, contiguous = _attention_inputs(4, kv_heads, group, dim, seq)
+    cache, pages = (contiguous, None) if page is None else _paged(contiguous, page)
     last = min(kv_len or seq, seq) - 1
     positions = jnp.asarray([[0], [5], [last], [PAD_POSITION]], jnp.int32)  # the last slot is idle
     kwargs = dict(scale=dim**-0.5, window=window, softcap=softcap, kv_len=kv_len)
-    run = jax.jit(lambda *a: cached_attention(*a, **kwargs))
-    got, got_cache = run(q, k, v, cache, positions)
+    run = lambda *a: jax.jit(lambda *b: _attend(*b, **dict(kwargs)))(*a)  # noqa: E731
+    got, got_cache = run(q, k, v, cache, positions, pages)
     os.environ["MRS_NATIVE_KERNELS"] = "0"
     native.available.cache_clear()
     try:
-        want, want_cache = jax.jit(lambda *a: cached_attention(*a, **kwargs))(q, k, v, cache, positions)
+        want, want_cache = run(q, k, v, cache, positions, pages)
+        if page is not None:  # the same rows behind a shuffled table attend as the contiguous cache does
+            dense, _ = run(q, k, v, contiguous, positions)
+            np.testing.assert_allclose(np.asarray(want)[:3], np.asarray(dense)[:3], rtol=1e-5, atol=1e-5)
     finally:
         del os.environ["MRS_NATIVE_KERNELS"]
         native.available.cache_clear()
@@ -120,14 +149,25 @@ def test_decode_attention_equals_xla(kv_heads, group, dim, seq, kv_len, window, 
 
 
 @needs_kernels
+def test_decode_attention_refuses_a_position_without_a_page() -> None:
+    q, k, v, contiguous = _attention_inputs(1, 1, 2, 16, 64)
+    cache, pages = _paged(contiguous, 16)
+    pages = pages[:1].at[0, 1].set(NO_PAGE)  # position 20 lies in the second page
+    assert native.available()  # built and registered
+    with pytest.raises(Exception, match="has no page in its table"):
+        jax.block_until_ready(native.decode_attention(q.reshape(1, 1, 2, 16), *cache, pages, jnp.asarray([20]),
+                                                      kv_len=64, window=None, scale=0.25, softcap=None))
+
+
+@needs_kernels
 def test_decode_step_calls_the_attention_kernel() -> None:
     q, k, v, cache = _attention_inputs(1, 3, 3, 64, 64)
     positions = jnp.asarray([[3]], jnp.int32)
     hlo = lambda: jax.jit(  # noqa: E731  (a new function each time: jit caches traces per function)
-        lambda *a: cached_attention(*a, scale=0.125, window=None, kv_len=32)).lower(q, k, v, cache, positions).as_text()
+        lambda *a: _attend(*a, scale=0.125, window=None, kv_len=32)).lower(q, k, v, cache, positions).as_text()
     assert "mrs_decode_attention" in hlo()
     with native.xla_only():  # as mesh steps trace
         assert "mrs_decode_attention" not in hlo()
-    prefill = jax.jit(lambda *a: cached_attention(*a, scale=0.125, window=None, kv_len=32))
+    prefill = jax.jit(lambda *a: _attend(*a, scale=0.125, window=None, kv_len=32))
     q2, k2, v2 = (jnp.concatenate([a, a], axis=1) for a in (q, k, v))
     assert "mrs_decode_attention" not in prefill.lower(q2, k2, v2, cache, jnp.asarray([[3, 4]])).as_text()

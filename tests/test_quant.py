@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from mrs.errors import ConfigError
-from mrs.models.layers import init_cache
+from mrs.models.kv_cache import init_cache
 from mrs.models.llama import config_from_hf
 from mrs.quant import QArray, blockfit, cache_bytes, param_bytes, quantize_params, resolve_scheme
 from mrs.quant.gguf import gguf_tensor_to_jax, permute_rows

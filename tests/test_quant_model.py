@@ -11,7 +11,7 @@ import pytest
 
 from mrs.config.schema import GGUF, ModelEntry, ModelSource
 from mrs.loading.load import load_checkpoint
-from mrs.models.layers import init_cache
+from mrs.models.kv_cache import init_cache
 from mrs.models.registry import build_model
 from mrs.quant import QArray, param_bytes, quantize_params
 from mrs.quant.quality import teacher_forced

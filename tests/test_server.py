@@ -276,7 +276,8 @@ def test_tokenize_detokenize_metrics_openapi(server: Server) -> None:
 
 def test_status_reports_memory_measured_by_the_engine(server: Server, models_json: Path) -> None:
     """param and KV cache bytes in /v1/models/status and the startup log, as the engine measures
-    them: the checkpoint's arrays, and a float32 (k, v) pair per layer for every slot and position."""
+    them: the checkpoint's arrays, and a float32 (k, v) pair per layer for every token of the KV
+    pool (4 slots x 512 tokens, under the default 8,192), in pages of 32 tokens."""
     for entry in load_multi_model_config(models_json):
         checkpoint = load_checkpoint(entry)
         config = checkpoint.config
@@ -285,9 +286,11 @@ def test_status_reports_memory_measured_by_the_engine(server: Server, models_jso
         params = param_bytes(checkpoint.params)
         reply = httpx.post(f"{server.url}/v1/models/status", json={"model_id": entry.model_id}).json()
         assert reply == {"model_id": entry.model_id, "status": "loaded",
-                         "memory": {"param_bytes": params, "kv_cache_bytes": kv}}
+                         "memory": {"param_bytes": params, "kv_cache_bytes": kv, "kv_pages_total": 4 * context // 32,
+                                    "kv_pages_used": 0, "kv_page_size": 32}}
         ready = next(line for line in server.output().splitlines() if f"model {entry.model_id!r} ready" in line)
-        assert f"params {params / 2**20:.1f} MiB ({params} bytes)" in ready and f"({kv} bytes)" in ready
+        assert f"params {params / 2**20:.1f} MiB ({params} bytes)" in ready
+        assert f"({kv} bytes) ({4 * context // 32} pages of 32 tokens)" in ready
 
 
 def test_unload_status_reload(client: openai.OpenAI, server: Server, reference: dict[str, dict]) -> None:

@@ -17,7 +17,7 @@ import mrs
 from mrs.config.schema import VISION_PLAIN, EngineConfig, ModelEntry, ModelSource
 from mrs.engine.image_plan import chunk_injection, chunk_plan, image_spans
 from mrs.loading.load import load_checkpoint
-from mrs.models.layers import init_cache
+from mrs.models.kv_cache import init_cache
 from mrs.models.registry import build_encoder, build_model
 from mrs.quant.memory import param_bytes
 

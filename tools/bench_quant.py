@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from mrs.config.schema import GGUF, PLAIN, ModelEntry, ModelSource
 from mrs.fetch import DEMO_MODELS, fetch, models_dir
 from mrs.loading.load import load_checkpoint
-from mrs.models.layers import init_cache
+from mrs.models.kv_cache import init_cache
 from mrs.models.registry import build_model
 from mrs.quant import QArray, param_bytes, quantize_params
 from mrs.quant.quality import TeacherForced, teacher_forced

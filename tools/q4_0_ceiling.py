@@ -33,7 +33,8 @@ from bench_quant import TEXT, load_models
 from gguf import GGMLQuantizationType as T
 
 import mrs
-from mrs.models.layers import Linear, init_cache
+from mrs.models.kv_cache import init_cache
+from mrs.models.layers import Linear
 from mrs.models.registry import build_model
 from mrs.quant import param_bytes, quantize_params
 from mrs.quant.blockfit import GRIDS, fit_blocks

@@ -51,7 +51,13 @@ class ModelEntry:
 @dataclass
 class EngineConfig:
     max_batch: int = 16  # decode slots
-    max_seq_len: int = 2048  # KV cache rows per slot (context limit, capped by the model's)
+    max_seq_len: int = 2048  # longest sequence (context limit, capped by the model's and by the KV pool)
+    # The paged KV cache (mrs.engine.kv_pages): one pool per model shared by its slots, in
+    # tokens (capped at max_batch full contexts) or, when kv_memory is set, in bytes.
+    kv_tokens: int = 8192
+    kv_memory: str | None = None  # e.g. "512MiB"; overrides kv_tokens
+    kv_page_size: int = 32  # tokens per page
+    kv_dtype: str | None = None  # float32 | bfloat16 | float16; None: the model's dtype
     max_queue: int = 256  # waiting requests before submit raises Overloaded
     prefill_buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     warmup: bool = True  # compile every bucket before reporting ready

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry, ServeConfig, ServerConfig
+from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, EngineConfig, ModelEntry, ServeConfig, ServerConfig
 from mrs.config.units import parse_duration, parse_size
 from mrs.errors import ConfigError
 
@@ -42,7 +42,19 @@ def check_serve_config(config: ServeConfig) -> None:
     engine = config.engine
     if engine.max_batch < 1 or engine.max_seq_len < 1 or engine.max_queue < 0:
         raise ConfigError("engine: max_batch and max_seq_len must be >= 1, max_queue >= 0")
+    check_kv_cache(engine)
     check_server_config(config.server)
+
+
+def check_kv_cache(engine: EngineConfig) -> None:
+    """The paged KV cache's settings (``mrs.models.kv_cache.geometry``)."""
+    if engine.kv_tokens < 1 or engine.kv_page_size < 1:
+        raise ConfigError("engine: kv_tokens and kv_page_size must be >= 1", param="kv_tokens")
+    if engine.kv_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"engine.kv_dtype {engine.kv_dtype!r}: expected float32, bfloat16 or float16",
+                          param="kv_dtype")
+    if engine.kv_memory is not None:
+        parse_size(engine.kv_memory, "engine.kv_memory")
 
 
 def check_entry(entry: ModelEntry) -> None:

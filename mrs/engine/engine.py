@@ -38,6 +38,7 @@ from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.grammar import Constraint, GrammarEngine
 from mrs.engine.image_plan import Span, check_images, chunk_injection, chunk_plan
+from mrs.engine.kv_pages import PagePool
 from mrs.engine.placed import build_steps
 from mrs.engine.sampling import SampleOut, all_allowed, host_row
 from mrs.engine.steps import EncodeImages, batch_buckets, bucket_for, kv_buckets
@@ -46,6 +47,7 @@ from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob
 from mrs.engine.validate import validate_request
 from mrs.errors import InvalidRequest, ModelUnavailable, Overloaded
 from mrs.loading.checkpoint import Checkpoint
+from mrs.models import kv_cache
 from mrs.models.config import ModelConfig
 from mrs.models.layers import Injected
 from mrs.quant.memory import cache_bytes, param_bytes
@@ -86,6 +88,11 @@ class _Seq:
         return len(self.req.request.prompt_ids)
 
     @property
+    def budget(self) -> int:
+        """The most tokens it can hold in the KV cache: its prompt and every token it may sample."""
+        return self.prompt_len + self.max_tokens
+
+    @property
     def in_flight(self) -> bool:
         """A sampled token the host has not seen yet (the prefill's, or a dispatched step's)."""
         return self.generated < 1 + self.dispatched
@@ -105,8 +112,10 @@ class Engine:
         self.config = config or EngineConfig()
         self.tokenizer = checkpoint.tokenizer
         model_config = checkpoint.config
-        self.context_limit = min(self.config.max_seq_len, model_config.max_position_embeddings)
         self.max_batch = self.config.max_batch
+        self._kv = kv_cache.geometry(self.config, model_config)
+        self._pages = PagePool(self._kv, self.max_batch)
+        self.context_limit = self._kv.context
         self._prefill_buckets = sorted({b for b in self.config.prefill_buckets if b <= self.context_limit}) or [
             self.context_limit
         ]
@@ -121,7 +130,7 @@ class Engine:
                 self._prefill_buckets.append(min(1 << (per_image - 1).bit_length(), self.context_limit))
         self._kv_buckets = kv_buckets(self.context_limit)
         self._batch_buckets = batch_buckets(self.max_batch)
-        self._steps = build_steps(model_config, self.max_batch, self.context_limit, checkpoint.placement)
+        self._steps = build_steps(model_config, self.max_batch, self._kv, checkpoint.placement)
         self._params = self._steps.place_params(checkpoint.params)
         # Measured once: the parameters never change, and walking their ~500 device
         # buffers took ~6 ms per stats() call (the status endpoint, load-test pollers).
@@ -246,6 +255,9 @@ class Engine:
             "grammar_host_s": self._grammar_seconds,
             "param_bytes": self._param_bytes,
             "kv_cache_bytes": self._kv_cache_bytes,
+            "kv_pages_total": self._kv.pages,
+            "kv_pages_used": self._pages.used,
+            "kv_page_size": self._kv.page_size,
             "context_limit": self.context_limit,
         }
 
@@ -268,6 +280,9 @@ class Engine:
             # Measured here, not in stats(): other threads must not read a cache the
             # decode step is donating, and its buffers keep these sizes for the engine's life.
             self._kv_cache_bytes = cache_bytes(self._state.cache)
+            log.info("%s: KV cache of %d pages x %d tokens (%d tokens, %s, %.1f MiB) shared by %d slots; "
+                     "context %d", self.checkpoint.source, self._kv.pages, self._kv.page_size, self._kv.tokens,
+                     self._kv.dtype, self._kv_cache_bytes / 2**20, self.max_batch, self.context_limit)
             if self.config.warmup:
                 self._warmup()
         except BaseException as exc:  # report through start(); callers never hang
@@ -308,7 +323,8 @@ class Engine:
         """Requests wait and a slot is free: the last step's collection just freed one, and
         no submit is coming to wake the thread (it used to sleep here with a full queue)."""
         with self._lock:
-            return bool(self._waiting) and any(s is None for s in self._slots)
+            return (bool(self._waiting) and any(s is None for s in self._slots)
+                    and self._pages.fits(self._waiting[0].budget))
 
     def _warmup(self) -> None:
         """Compile every prefill bucket, chunk continuation and decode kv bucket, logging progress."""
@@ -318,6 +334,8 @@ class Engine:
             presence=0.0, frequency=0.0, repetition=1.0, seed=0, choice=0, top_logprobs=1, logit_bias={},
         )
         self._state = self._steps.insert(self._state, np.int32(0), row)
+        self._pages.reserve(0, self.context_limit)  # real pages: staged placements run their variants
+        self._pages.grow(0, self.context_limit)
         mask = self._all_allowed[0]
         starts = {self._chunk_kv_len(start): start for start in self._continuations()}  # one per attention length
         active = np.zeros(self.max_batch, bool)
@@ -328,7 +346,8 @@ class Engine:
                          for length in self._prefill_buckets]
             variants += [("prefill", *self._prefill_inputs(0, [0], start, self._prefill_buckets[-1], True, mask, targets))
                          for start in starts.values()]
-        variants += [("decode", (active, self._unconstrained), {"kv_len": kv_len, "rows": rows})
+        variants += [("decode", (active, self._unconstrained, self._pages.tables.copy()),
+                      {"kv_len": kv_len, "rows": rows})
                      for kv_len in self._kv_buckets for rows in self._batch_buckets]
         if self._encode is not None:
             self._encode.warm(self._vision_params)
@@ -343,6 +362,7 @@ class Engine:
                 logged = now
         jax.block_until_ready(self._state)
         self._state = self._steps.init_state()
+        self._pages.release(0)
         self._warmup_seconds = time.perf_counter() - begin
 
     def _image_variants(self, starts: Any, mask: np.ndarray) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
@@ -383,7 +403,8 @@ class Engine:
         scored = {} if targets is None else {"targets": np.pad(np.asarray(targets, np.int32), (0, length - len(targets))),
                                              "score": True}
         images = {} if injected is None else {"injected": injected}
-        return (np.int32(slot), tokens, np.int32(start), np.int32(len(chunk)), np.bool_(final), mask), {
+        pages = self._pages.tables[slot : slot + 1].copy()  # a fresh array: see _masks
+        return (np.int32(slot), tokens, np.int32(start), np.int32(len(chunk)), np.bool_(final), mask, pages), {
             "kv_len": kv_len, **scored, **images}
 
     def _masks(self, seqs: list[tuple[int, _Seq]], rows: int) -> np.ndarray:
@@ -409,6 +430,7 @@ class Engine:
             top_logprobs=sp.top_logprobs if sp.logprobs else 0, logit_bias=sp.logit_bias,
         )
         self._state = self._steps.insert(self._state, np.int32(slot), row)
+        self._pages.grow(slot, seq.prompt_len)
         mask = self._masks([(0, seq)] if seq.constraint else [], 1)[0]
         ids, chunk_size = request.prompt_ids, self._prefill_buckets[-1]
         spans, features = seq.req.spans, self._image_features(seq.req)
@@ -454,15 +476,18 @@ class Engine:
         while True:
             free = next((i for i, s in enumerate(self._slots) if s is None), None)
             with self._lock:
-                if free is None or not self._waiting:
+                # First come, first served: the head waits for KV pages rather than be overtaken.
+                if free is None or not self._waiting or not self._pages.fits(self._waiting[0].budget):
                     break
                 seq = self._waiting.popleft()
             if seq.done:
                 continue
+            self._pages.reserve(free, seq.budget)
             try:
                 out = self._prefill(seq, free)
             except Exception as exc:
                 log.exception("prefill of %s failed", seq.req.request.request_id)
+                self._pages.release(free)
                 self._fail_request(seq.req, exc)
                 if any(x.is_deleted() for x in jax.tree.leaves(self._state)):
                     self._reset(exc)  # the donated state went down with it
@@ -490,6 +515,7 @@ class Engine:
                 constrained.append((i, seq))
             active[i], owners[i], last = True, seq, i
             longest = max(longest, seq.prompt_len + seq.dispatched + 1)
+            self._pages.grow(i, seq.prompt_len + seq.dispatched + 1)  # the row this step writes
             seq.dispatched += 1
         if not active.any():
             return None
@@ -497,7 +523,9 @@ class Engine:
         kv_len = bucket_for(longest, self._kv_buckets)
         rows = bucket_for(last + 1, self._batch_buckets)  # slots fill lowest first
         mask = self._masks(constrained, self.max_batch) if constrained else self._unconstrained
-        self._state, out = self._steps.decode(self._params, self._state, active, mask, kv_len=kv_len, rows=rows)
+        pages = self._pages.tables.copy()  # a fresh array: see _masks
+        self._state, out = self._steps.decode(self._params, self._state, active, mask, pages, kv_len=kv_len,
+                                              rows=rows)
         return _Step(out, owners, started, bool(constrained))
 
     def _fetch(self, step: _Step) -> SampleOut:
@@ -569,6 +597,7 @@ class Engine:
         seq.done = True
         if seq.slot is not None and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
+            self._pages.release(seq.slot)  # steps in flight that still write there run before any reuse
         seq.req.stream.push(Finish(seq.index, reason, Usage(seq.prompt_len, seq.generated), error))
         if all(s.done for s in seq.req.seqs):
             with self._lock:
@@ -597,6 +626,7 @@ class Engine:
             if seq is not None:
                 self._fail_request(seq.req, exc)
         self._slots = [None] * self.max_batch
+        self._pages.reset()
         try:
             self._state = self._steps.init_state()
         except Exception as fatal:  # cannot even allocate: report unhealthy and stop

@@ -21,9 +21,9 @@ from typing import Any, Callable, TypeVar
 import jax
 
 from mrs.engine.sampling import SampleOut, SlotSampling
-from mrs.engine.steps import DecodeState, Steps, chunk_positions, decode_inputs, set_row, slot_row
+from mrs.engine.steps import DecodeState, Steps, chunk_positions, decode_inputs
 from mrs.models.config import ModelConfig
-from mrs.models.layers import KVCache, init_cache
+from mrs.models.kv_cache import KVCache, KVGeometry, init_cache
 from mrs.models.registry import build_model, get_arch
 from mrs.quant import native
 from mrs.sharding.device_map import DeviceMap, stage_params
@@ -34,27 +34,27 @@ Array = jax.Array
 T = TypeVar("T")
 
 
-def build_steps(config: ModelConfig, max_batch: int, max_seq_len: int, placement: Placement) -> Any:
+def build_steps(config: ModelConfig, max_batch: int, kv: KVGeometry, placement: Placement) -> Any:
     """``Steps`` or its multi-device counterpart; all share insert/prefill/decode/init_state/place_params."""
     if placement.mesh is not None:
-        return MeshSteps(config, max_batch, max_seq_len, placement.mesh)
+        return MeshSteps(config, max_batch, kv, placement.mesh)
     if placement.layers is not None:
-        return StagedSteps(config, max_batch, max_seq_len, placement.layers)
-    return _shared_steps(config, max_batch, max_seq_len)
+        return StagedSteps(config, max_batch, kv, placement.layers)
+    return _shared_steps(config, max_batch, kv)
 
 
 @lru_cache(maxsize=8)
-def _shared_steps(config: ModelConfig, max_batch: int, max_seq_len: int) -> Steps:
+def _shared_steps(config: ModelConfig, max_batch: int, kv: KVGeometry) -> Steps:
     """One ``Steps`` per model and engine shape in this process: its jitted functions keep
     their compiled executables, so reloading an unloaded or evicted model (or a second
     engine of the same shape) neither traces nor compiles again. The parameters are
     arguments of the steps, never captured, so an unloaded model's weights are not kept."""
-    return Steps(config, max_batch, max_seq_len)
+    return Steps(config, max_batch, kv)
 
 
 class MeshSteps(Steps):
-    def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int, mesh: jax.sharding.Mesh) -> None:
-        super().__init__(config, max_batch, max_seq_len)
+    def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, mesh: jax.sharding.Mesh) -> None:
+        super().__init__(config, max_batch, kv)
         self.mesh = mesh
 
     def place_params(self, params: Any) -> Any:
@@ -92,26 +92,25 @@ class _LeadStage:
         self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("kv_len",))
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("kv_len",))
 
-    def _decode(self, params: Any, cache: KVCache, x: Array, positions: Array, *, kv_len: int):
+    def _decode(self, params: Any, cache: KVCache, x: Array, positions: Array, pages: Array, *, kv_len: int):
         self._traces[f"stage{self.layers.start}/decode/{x.shape[0]}/{kv_len}"] += 1
-        return self._model.apply({"params": params}, x, positions, cache, kv_len=kv_len)
+        return self._model.apply({"params": params}, x, positions, cache, kv_len=kv_len, pages=pages[: x.shape[0]])
 
-    def _prefill(self, params: Any, cache: KVCache, slot: Array, x: Array, start: Array, n_real: Array,
+    def _prefill(self, params: Any, cache: KVCache, x: Array, start: Array, n_real: Array, pages: Array,
                  *, kv_len: int):
         self._traces[f"stage{self.layers.start}/prefill/{x.shape[1]}/{kv_len}"] += 1
         positions, _ = chunk_positions(x.shape[1], start, n_real)
-        hidden, rows = self._model.apply({"params": params}, x, positions, slot_row(cache, slot), kv_len=kv_len)
-        return hidden, set_row(cache, slot, rows)
+        return self._model.apply({"params": params}, x, positions, cache, kv_len=kv_len, pages=pages)
 
 
 class StagedSteps:
     """``Steps``' interface over the stages of a ``DeviceMap``; ``params`` is one tree per stage."""
 
-    def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int, dmap: DeviceMap) -> None:
+    def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, dmap: DeviceMap) -> None:
         self.config = config
         self._stages = dmap.stages()
         *lead, (self._device, last) = self._stages
-        self._last = Steps(config, max_batch, max_seq_len, stage=(last.start, last.stop))
+        self._last = Steps(config, max_batch, kv, stage=(last.start, last.stop))
         self.traces = self._last.traces
         self._leads = [_LeadStage(config, device, layers, self.traces) for device, layers in lead]
         self._inputs = jax.jit(decode_inputs, static_argnames=("rows",))
@@ -132,11 +131,11 @@ class StagedSteps:
 
     def init_state(self) -> DecodeState:
         """Each stage's cache created on its device; the rest of the state on the last."""
-        b, s = self._last.max_batch, self._last.max_seq_len
+        kv = self._last.kv
         lead: KVCache = ()
         for stage in self._leads:
             layers = (stage.layers.start, stage.layers.stop)
-            lead += _on(stage.device, partial(init_cache, self.config, b, s, stage=layers))
+            lead += _on(stage.device, partial(init_cache, self.config, kv.pages, kv.page_size, kv.dtype, stage=layers))
         state = _on(self._device, self._last.init_state)
         return state._replace(cache=lead + state.cache)
 
@@ -145,22 +144,22 @@ class StagedSteps:
         return self._joined(self._last.insert(state._replace(cache=caches[-1]), slot, row), caches)
 
     def prefill(self, params: list[dict], state: DecodeState, slot: Array, tokens: Array, start: Array,
-                n_real: Array, final: Array, mask: Array, targets: Array | None = None, *, kv_len: int,
-                score: bool = False) -> tuple[DecodeState, SampleOut]:
+                n_real: Array, final: Array, mask: Array, pages: Array, targets: Array | None = None, *,
+                kv_len: int, score: bool = False) -> tuple[DecodeState, SampleOut]:
         caches = self._split(state.cache)
         inputs = self._run_leads(params, caches, tokens[None], lambda stage, p, cache, x: stage.prefill(
-            p, cache, slot, x, start, n_real, kv_len=kv_len))
+            p, cache, x, start, n_real, pages, kv_len=kv_len))
         state, out = self._last.prefill(params[-1], state._replace(cache=caches[-1]), slot, tokens, start, n_real,
-                                        final, mask, inputs, targets, kv_len=kv_len, score=score)
+                                        final, mask, pages, inputs, targets, kv_len=kv_len, score=score)
         return self._joined(state, caches), out
 
-    def decode(self, params: list[dict], state: DecodeState, active: Array, mask: Array, *, kv_len: int,
-               rows: int) -> tuple[DecodeState, SampleOut]:
+    def decode(self, params: list[dict], state: DecodeState, active: Array, mask: Array, pages: Array, *,
+               kv_len: int, rows: int) -> tuple[DecodeState, SampleOut]:
         caches = self._split(state.cache)
         tokens, positions = self._inputs(state.tokens, state.positions, active, rows=rows)
         inputs = self._run_leads(params, caches, tokens, lambda stage, p, cache, x: stage.decode(
-            p, cache, x, jax.device_put(positions, stage.device), kv_len=kv_len))
-        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), active, mask, inputs,
+            p, cache, x, jax.device_put(positions, stage.device), pages, kv_len=kv_len))
+        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), active, mask, pages, inputs,
                                        kv_len=kv_len, rows=rows)
         return self._joined(state, caches), out
 

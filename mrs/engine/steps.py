@@ -2,10 +2,12 @@
 chunk of its prompt into its slot, and decode one token for every slot at once.
 
 The whole decode state lives on device and is donated to every step, so the KV
-cache is updated in place. Shapes are fixed by (max_batch, max_seq_len) and the
-static bucket arguments; everything per request is an array, the grammar engine's
-token bitmask included (``mask``: int32 ``[max_batch, ceil(V/32)]`` for decode, one
-row for prefill; all ones for a slot without a constraint).
+cache is updated in place. Shapes are fixed by ``max_batch``, the KV pool's geometry
+(``mrs.models.kv_cache.KVGeometry``) and the static bucket arguments; everything per
+request is an array: the grammar engine's token bitmask (``mask``: int32 ``[max_batch,
+ceil(V/32)]`` for decode, one row for prefill; all ones for a slot without a
+constraint) and the KV block tables (``pages``: int32 ``[max_batch, table_width]`` for
+decode, the slot's row for prefill; the host's ``mrs.engine.kv_pages`` fills them).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample, score_tokens
 from mrs.models.config import ModelConfig
-from mrs.models.layers import PAD_POSITION, Injected, KVCache, Stage, init_cache
+from mrs.models.kv_cache import KVCache, KVGeometry, Stage, init_cache
+from mrs.models.layers import PAD_POSITION, Injected
 from mrs.models.registry import build_encoder, build_model
 from mrs.models.vision import VisionSpec
 
@@ -27,7 +30,7 @@ Array = jax.Array
 
 
 class DecodeState(NamedTuple):
-    cache: KVCache  # per layer (k [B, Hkv, D, S], v [B, Hkv, S, D])
+    cache: KVCache  # per layer a page pool (k [P, Hkv, D, page], v [P, Hkv, page, D])
     tokens: Array  # int32 [B]: last sampled token, the next decode input
     positions: Array  # int32 [B]: position of that token
     step: Array  # int32 [B]: tokens generated so far (indexes the PRNG stream)
@@ -103,10 +106,10 @@ class Steps:
     of the tokens.
     """
 
-    def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int, stage: Stage = None) -> None:
+    def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, stage: Stage = None) -> None:
         self.config = config
         self.max_batch = max_batch
-        self.max_seq_len = max_seq_len
+        self.kv = kv
         self.stage = stage
         self.model = build_model(config, stage)
         # Incremented while tracing: a compile counter for tests and stats.
@@ -118,7 +121,7 @@ class Steps:
     def init_state(self) -> DecodeState:
         b, v = self.max_batch, self.config.vocab_size
         return DecodeState(
-            cache=init_cache(self.config, b, self.max_seq_len, stage=self.stage),
+            cache=init_cache(self.config, self.kv.pages, self.kv.page_size, self.kv.dtype, stage=self.stage),
             tokens=jnp.zeros((b,), jnp.int32),
             positions=jnp.full((b,), PAD_POSITION, jnp.int32),
             step=jnp.zeros((b,), jnp.int32),
@@ -159,6 +162,7 @@ class Steps:
         n_real: Array,
         final: Array,
         mask: Array,
+        pages: Array,
         inputs: Array | None = None,
         targets: Array | None = None,
         injected: Injected | None = None,
@@ -166,7 +170,8 @@ class Steps:
         kv_len: int,
         score: bool = False,
     ) -> tuple[DecodeState, SampleOut]:
-        """Run prompt chunk ``tokens [L]`` (first ``n_real`` real) at ``start`` in ``slot``.
+        """Run prompt chunk ``tokens [L]`` (first ``n_real`` real) at ``start`` in ``slot``,
+        whose KV pages are ``pages [1, table_width]``.
 
         On the final chunk, samples the first output token (among ``mask [W]``'s) and arms
         the slot for decode. With ``score`` (a variant compiled beside the plain one), the
@@ -176,10 +181,9 @@ class Steps:
         variant = ("/scored" if score else "") + ("/images" if injected is not None else "")
         self.traces[f"prefill/{tokens.shape[0]}/{kv_len}{variant}"] += 1
         positions, real = chunk_positions(tokens.shape[0], start, n_real)
-        cache = slot_row(state.cache, slot)
         logits, cache = self.model.apply(
-            {"params": params}, tokens[None] if inputs is None else inputs, positions, cache,
-            logits_at=None if score else (n_real - 1)[None], kv_len=kv_len, injected=injected,
+            {"params": params}, tokens[None] if inputs is None else inputs, positions, state.cache,
+            logits_at=None if score else (n_real - 1)[None], kv_len=kv_len, injected=injected, pages=pages,
         )
         if score:  # every position's logits [1, L, V]; sampling takes the last real one's
             scores = score_tokens(logits[0], targets)
@@ -192,7 +196,7 @@ class Steps:
             out = out._replace(prompt=scores)
         token = out.tokens[0]
         state = state._replace(
-            cache=set_row(state.cache, slot, cache),
+            cache=cache,
             tokens=state.tokens.at[slot].set(jnp.where(final, token, state.tokens[slot])),
             positions=state.positions.at[slot].set(start + n_real),
             step=state.step.at[slot].add(final.astype(jnp.int32)),
@@ -202,19 +206,19 @@ class Steps:
         return state, out
 
     def _decode(
-        self, params: Any, state: DecodeState, active: Array, mask: Array, inputs: Array | None = None, *,
-        kv_len: int, rows: int,
+        self, params: Any, state: DecodeState, active: Array, mask: Array, pages: Array, inputs: Array | None = None,
+        *, kv_len: int, rows: int,
     ) -> tuple[DecodeState, SampleOut]:
         """One token for every ``active`` slot among the first ``rows`` (static: a batch
         bucket, so a lightly loaded engine does not pay for all its slots), each among its
-        ``mask`` row's allowed tokens; idle slots read and write nothing."""
+        ``mask`` row's allowed tokens, through its ``pages`` row; idle slots read and write nothing."""
         self.traces[f"decode/{rows}/{kv_len}"] += 1
         head = lambda x: x[:rows]  # noqa: E731
         last_tokens, positions = decode_inputs(state.tokens, state.positions, active, rows)
         active = head(active)
         logits, cache = self.model.apply(
             {"params": params}, last_tokens if inputs is None else inputs, positions, state.cache,
-            logits_at=jnp.zeros((rows,), jnp.int32), kv_len=kv_len,
+            logits_at=jnp.zeros((rows,), jnp.int32), kv_len=kv_len, pages=head(pages),
         )
         sampling = jax.tree.map(head, state.sampling)
         out = sample(logits, sampling, head(state.counts), head(state.seen), head(state.step), head(mask))

@@ -3,8 +3,8 @@ what the server's memory budget (``max_memory``) decides evictions with before a
 
 Parameters: the GGUF file as stored (tensors stay packed), or the safetensors files scaled
 from their stored dtype to the entry's (in-situ quantization is not subtracted, so the
-figure errs high). KV cache: every layer's keys and values for every slot and the whole
-context, as the engine allocates it. Once a model has loaded, the server uses its measured
+figure errs high). KV cache: the page pool the engine allocates (``engine.kv_tokens`` or
+``kv_memory``, see ``mrs.models.kv_cache.geometry``). Once a model has loaded, the server uses its measured
 bytes instead.
 """
 
@@ -22,7 +22,7 @@ from mrs.loading.gguf_reader import open_gguf
 from mrs.loading.plain_tokenizer import read_json
 from mrs.loading.safetensors_reader import resolve_dir, safetensors_files
 from mrs.loading.sources import resolve_gguf
-from mrs.models import registry
+from mrs.models import kv_cache, registry
 from mrs.models.config import ModelConfig
 
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -32,9 +32,7 @@ _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32
 def estimate_bytes(entry: ModelEntry, engine: EngineConfig) -> int:
     """Parameter plus KV cache bytes of ``entry`` served with ``engine``."""
     config, params = _config_and_param_bytes(entry)
-    context = min(engine.max_seq_len, config.max_position_embeddings)
-    kv = config.num_layers * 2 * engine.max_batch * context * config.num_kv_heads * config.head_dim * _itemsize(config.dtype)
-    return params + kv
+    return params + kv_cache.cache_bytes(config, kv_cache.geometry(engine, config))
 
 
 def _itemsize(dtype: str) -> int:

@@ -32,6 +32,7 @@ from mrs.models.layers import (
     Embedding,
     GatedMLP,
     Injected,
+    LayerCache,
     Linear,
     RMSNorm,
     apply_rope,
@@ -53,7 +54,7 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x: Array, cache: tuple[Array, Array], context: Context):
+    def __call__(self, x: Array, cache: LayerCache, context: Context):
         c = self.config
         batch, steps, _ = x.shape
         q = Linear(c.attention_bias, name="q_proj")(x).reshape(batch, steps, c.num_heads, c.head_dim)
@@ -67,9 +68,8 @@ class Attention(nn.Module):
             inv_freq = rope_inv_freq(c, c.rope_theta, scaled=True)
         q, k = apply_rope(q, context.positions, inv_freq), apply_rope(k, context.positions, inv_freq)
         out, cache = cached_attention(
-            q, k, v, cache, context.positions, scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5,
-            window=layer_window(c, self.layer), softcap=c.attn_logit_softcapping, kv_len=context.kv_len,
-            spans=context.spans,
+            q, k, v, cache, context, scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5,
+            window=layer_window(c, self.layer), softcap=c.attn_logit_softcapping,
         )
         return Linear(c.output_bias, name="o_proj")(out), cache
 
@@ -79,7 +79,7 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x: Array, cache: tuple[Array, Array], context: Context):
+    def __call__(self, x: Array, cache: LayerCache, context: Context):
         c = self.config
         h, cache = Attention(c, self.layer, name="self_attn")(_norm(c, "input_layernorm")(x), cache, context)
         if c.sandwich_norms:

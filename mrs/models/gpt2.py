@@ -30,6 +30,7 @@ from mrs.models.layers import (
     Context,
     Embedding,
     Injected,
+    LayerCache,
     Linear,
     PreNormBlock,
     cached_attention,
@@ -53,14 +54,13 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cache: tuple[Array, Array], context: Context):
+    def __call__(self, x: Array, cache: LayerCache, context: Context):
         c = self.config
         batch, steps, _ = x.shape
         qkv = Linear(True, name="c_attn")(x).reshape(batch, steps, 3, c.num_heads, c.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-        out, cache = cached_attention(q, k, v, cache, context.positions, scale=scale, window=None,
-                                      kv_len=context.kv_len, spans=context.spans)
+        out, cache = cached_attention(q, k, v, cache, context, scale=scale, window=None)
         return Linear(True, name="c_proj")(out), cache
 
 

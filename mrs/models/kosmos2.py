@@ -32,7 +32,7 @@ from mrs.errors import InvalidRequest
 from mrs.models import clip, layers, siglip
 from mrs.models.config import ModelConfig
 from mrs.models.family import Family, Vision, renamed
-from mrs.models.layers import LayerNorm, Linear
+from mrs.models.layers import LayerCache, LayerNorm, Linear
 from mrs.models.vision import VisionSpec
 
 Array = jax.Array
@@ -101,12 +101,11 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cache: tuple[Array, Array], context: layers.Context):
+    def __call__(self, x: Array, cache: LayerCache, context: layers.Context):
         c = self.config
         heads = (*x.shape[:2], c.num_heads, c.head_dim)
         q, k, v = (Linear(True, name=f"{n}_proj")(x).reshape(heads) for n in "qkv")
-        out, cache = layers.cached_attention(q, k, v, cache, context.positions, scale=c.head_dim**-0.5, window=None,
-                                      kv_len=context.kv_len, spans=context.spans)
+        out, cache = layers.cached_attention(q, k, v, cache, context, scale=c.head_dim**-0.5, window=None)
         out = LayerNorm(c.norm_eps, name="inner_attn_ln")(out)
         return Linear(True, name="out_proj")(out), cache
 

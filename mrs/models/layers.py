@@ -5,13 +5,16 @@ Conventions (every family follows them):
   A weight may be a plain array or a quantized array (see ``mrs.quant``: it has
   ``linear(x)``, ``dequantize(dtype)`` and ``take_rows(ids, dtype)``); the
   helpers below dispatch on that.
-- The KV cache is a tuple with one ``(k [batch, num_kv_heads, head_dim, max_seq_len],
-  v [batch, num_kv_heads, max_seq_len, head_dim])`` pair per layer (heads before rows,
-  so each head's keys and values are contiguous, and keys transposed so that ``q . k``
-  reads a plain ``[head_dim, rows]`` matrix, see ``cached_attention``). Cache index == absolute
-  position: a token at position ``p`` writes row ``p`` and a query at ``p``
-  attends rows ``<= p`` (and ``> p - window`` on sliding layers). Positions
-  ``>= max_seq_len`` (padding) write nothing.
+- The KV cache is paged (``mrs.models.kv_cache``): per layer a pool of pages,
+  ``(k [P, Hkv, D, page], v [P, Hkv, page, D])`` (heads before rows, so each head's keys
+  and values are contiguous, and keys transposed so that ``q . k`` reads a plain
+  ``[head_dim, rows]`` matrix, see ``cached_attention``), and one block table ``pages
+  [B, n]`` shared by the layers: sequence ``b``'s token at position ``p`` lives in page
+  ``pages[b, p // page]``, row ``p % page``. A query at ``p`` attends positions ``<= p``
+  (and ``> p - window`` on sliding layers). Positions past the table (padding at
+  ``PAD_POSITION``) and unassigned pages (any id outside the pool) write nothing. Without
+  a table the cache is contiguous: one page of ``max_seq_len`` rows per sequence
+  (``init_cache(config, batch, max_seq_len)``).
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrs.models import kv_cache
 from mrs.models.config import SLIDING, ModelConfig
+from mrs.models.kv_cache import KVCache, LayerCache, Stage
 from mrs.quant import native
 
 Array = jax.Array
-KVCache = tuple[tuple[Array, Array], ...]
-# Decoder layers [start, stop) that one pipeline stage runs (num_device_layers); None: all.
-Stage = tuple[int, int] | None
+# Stage: decoder layers [start, stop) that one pipeline stage runs (num_device_layers); None: all.
 
 # Padding tokens get this position: far past any cache, so their writes drop.
 PAD_POSITION = np.iinfo(np.int32).max // 2
@@ -191,59 +194,53 @@ def cached_attention(
     q: Array,
     k: Array,
     v: Array,
-    cache: tuple[Array, Array],
-    positions: Array,
+    cache: LayerCache,
+    context: "Context",
     *,
     scale: float,
     window: int | None,
     softcap: float | None = None,
-    kv_len: int | None = None,
-    spans: tuple[Array, Array] | None = None,
-) -> tuple[Array, tuple[Array, Array]]:
+) -> tuple[Array, LayerCache]:
     """One layer's attention through its KV cache: writes the new ``k``/``v`` ``[b, T, Hkv, D]``
-    at ``positions [b, T]``, then attends ``q [b, T, H, D]``; returns ``[b, T, H * D]`` and the cache.
+    at ``context.positions [b, T]`` (``mrs.models.kv_cache``), then attends ``q [b, T, H, D]``;
+    returns ``[b, T, H * D]`` and the cache.
 
-    The cache is ``(k [B, Hkv, D, S], v [B, Hkv, S, D])``: keys are stored transposed so
-    that ``q . k`` reads them as a plain ``[D, S]`` matrix (XLA CPU copied ``[S, D]``
-    keys into that order for every layer). ``kv_len`` (static) limits attention to the
-    first ``kv_len`` cache rows, so a step over short sequences does not read the whole
-    cache. ``b <= B``: a step may run only the first ``b`` slots (the engine's decode does
-    when the others are idle); the remaining slots are left as they are.
-    ``spans`` (``Injected.span_start/span_end``) widen each query's view beyond causality.
-    A decode step (``T == 1``) on CPU reads the cache in place through the native kernel.
+    ``context.kv_len`` (static) limits attention to each sequence's first ``kv_len`` rows,
+    so a step over short sequences does not read more. ``b`` may be fewer than the cache's
+    sequences: a step may run only the first ``b`` slots (the engine's decode does when
+    the others are idle). ``context.spans`` widen each query's view beyond causality.
+    A decode step (``T == 1``) on CPU reads the pages in place through the native kernel.
     """
-    batch_ids = jnp.arange(k.shape[0])[:, None]
-    # Advanced indices around slices: both indexed views are [b, T, Hkv, D], like k and v.
-    k_cache = cache[0].at[batch_ids, :, :, positions].set(k.astype(cache[0].dtype), mode="drop")
-    v_cache = cache[1].at[batch_ids, :, positions].set(v.astype(cache[1].dtype), mode="drop")
-    kv_len = min(kv_len or v_cache.shape[2], v_cache.shape[2])
-    args = (q, k_cache, v_cache, positions)
+    pages = None if context.pages is None else context.pages[: k.shape[0]]
+    cache = kv_cache.write(cache, k, v, context.positions, pages)
+    kv_len = min(context.kv_len or kv_cache.capacity(cache, pages), kv_cache.capacity(cache, pages))
     options = dict(scale=scale, window=window, softcap=softcap, kv_len=kv_len)
-    if q.shape[1] == 1 and spans is None and _native_decode_ok(q, k_cache, v_cache) and native.enabled():
-        out = native.cpu_or_xla(partial(_native_decode, **options), partial(_attend, **options), *args)
+    if q.shape[1] == 1 and context.spans is None and _native_decode_ok(q, *cache) and native.enabled():
+        out = native.cpu_or_xla(partial(_native_decode, **options), partial(_attend, **options), q, cache,
+                                pages, context.positions)
     else:
-        out = _attend(*args, **options, spans=spans)
-    return out, (k_cache, v_cache)
+        out = _attend(q, cache, pages, context.positions, **options, spans=context.spans)
+    return out, cache
 
 
 def _native_decode_ok(q: Array, k_cache: Array, v_cache: Array) -> bool:
     return all(a.dtype == jnp.float32 for a in (q, k_cache, v_cache)) and q.shape[3] % 8 == 0
 
 
-def _native_decode(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale: float,
+def _native_decode(q: Array, cache: LayerCache, pages: Array | None, positions: Array, *, scale: float,
                    window: int | None, softcap: float | None, kv_len: int) -> Array:
     batch, _, heads, dim = q.shape
-    grouped = q.reshape(batch, k_cache.shape[1], heads // k_cache.shape[1], dim)
-    out = native.decode_attention(grouped, k_cache, v_cache, positions[:, 0], kv_len=kv_len, window=window,
-                                  scale=scale, softcap=softcap)
+    kv_heads = cache[0].shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = native.decode_attention(grouped, *cache, kv_cache.table(pages, batch), positions[:, 0], kv_len=kv_len,
+                                  window=window, scale=scale, softcap=softcap)
     return out.reshape(batch, 1, heads * dim)
 
 
-def _attend(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale: float, window: int | None,
-            softcap: float | None, kv_len: int, spans: tuple[Array, Array] | None = None) -> Array:
+def _attend(q: Array, cache: LayerCache, pages: Array | None, positions: Array, *, scale: float,
+            window: int | None, softcap: float | None, kv_len: int, spans: tuple[Array, Array] | None = None) -> Array:
     batch, steps, heads, dim = q.shape
-    # The first kv_len rows of the first slots (those with queries).
-    k_cache, v_cache = k_cache[:batch, ..., :kv_len], v_cache[:batch, :, :kv_len]
+    k_cache, v_cache = kv_cache.gather(cache, pages, batch, kv_len)  # the sequences with queries
     kv_heads = k_cache.shape[1]
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("btkgd,bkds->bkgts", q, k_cache.astype(q.dtype)).astype(jnp.float32) * scale
@@ -276,7 +273,7 @@ class PreNormBlock(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x: Array, cache: tuple[Array, Array], context: "Context"):
+    def __call__(self, x: Array, cache: LayerCache, context: "Context"):
         c = self.config
         attn_norm, attn, mlp_norm, mlp = self.names
         h, cache = self.attention(c, name=attn)(LayerNorm(c.norm_eps, name=attn_norm)(x), cache, context)
@@ -295,21 +292,15 @@ def stage_layers(config: ModelConfig, stage: Stage) -> range:
     return range(*(stage or (0, config.num_layers)))
 
 
-def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype: Any = None, stage: Stage = None) -> KVCache:
-    """A zeroed KV cache: one ``(k [B, Hkv, D, S], v [B, Hkv, S, D])`` pair per layer (of ``stage``)."""
-    k_shape = (batch, config.num_kv_heads, config.head_dim, max_seq_len)
-    v_shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
-    dtype = dtype or config.jnp_dtype
-    return tuple((jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in stage_layers(config, stage))
-
-
 class Context(NamedTuple):
     """What every decoder layer of one step shares besides its input and its cache:
-    the tokens' ``positions [B, T]``, the static ``kv_len`` and the attention ``spans``."""
+    the tokens' ``positions [B, T]``, the static ``kv_len``, the attention ``spans`` and
+    the KV block table ``pages [B, n]`` (None: the contiguous cache)."""
 
     positions: Array
     kv_len: int | None
     spans: tuple[Array, Array] | None = None
+    pages: Array | None = None
 
 
 class Backbone(nn.Module):
@@ -345,11 +336,12 @@ class Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: Array, positions: Array, cache: KVCache, kv_len: int | None,
-                 injected: Injected | None = None) -> tuple[Array, Embedding, KVCache]:
+                 injected: Injected | None = None, pages: Array | None = None) -> tuple[Array, Embedding, KVCache]:
         layers = stage_layers(self.config, self.stage)
         table = self.token_embedding()
         x = self.embed(table, inputs, positions, injected) if layers.start == 0 else inputs
-        context = Context(positions, kv_len, None if injected is None else (injected.span_start, injected.span_end))
+        spans = None if injected is None else (injected.span_start, injected.span_end)
+        context = Context(positions, kv_len, spans, pages)
         new_cache = []
         for i in layers:
             x, layer_cache = self.layer(i)(x, cache[i - layers.start], context)
@@ -364,7 +356,8 @@ class CausalLM(nn.Module):
 
     ``logits_at [B]`` keeps only those time steps (logits ``[B, V]``); ``kv_len``
     (static) bounds the cache rows attention reads; ``injected`` (a vision prefill) puts
-    embeddings at marked positions, see ``Injected``. ``stage`` (num_device_layers)
+    embeddings at marked positions, see ``Injected``; ``pages [B, n]`` is the KV block
+    table (``mrs.models.kv_cache``; None: the contiguous cache). ``stage`` (num_device_layers)
     runs only those decoder layers, see ``stage_layers``. A family subclasses this
     and names its decoder stack (a ``Backbone``) and HF's name for it.
     """
@@ -384,9 +377,10 @@ class CausalLM(nn.Module):
         logits_at: Array | None = None,
         kv_len: int | None = None,
         injected: Injected | None = None,
+        pages: Array | None = None,
     ):
         backbone = self.backbone_module(self.config, self.stage, name=self.backbone_name)
-        hidden, embed, cache = backbone(tokens, positions, cache, kv_len, injected)
+        hidden, embed, cache = backbone(tokens, positions, cache, kv_len, injected, pages)
         return lm_logits(hidden, embed, self.config, logits_at, self.stage), cache
 
 

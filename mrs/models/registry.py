@@ -17,7 +17,8 @@ from mrs.errors import LoadError
 from mrs.models import gemma3, gpt2, kosmos2, llama
 from mrs.models.config import ModelConfig
 from mrs.models.family import Family, GgufTables, Vision
-from mrs.models.layers import ACTIVATIONS, Stage, init_cache
+from mrs.models.kv_cache import Stage, init_cache
+from mrs.models.layers import ACTIVATIONS
 from mrs.models.params import nest
 from mrs.models.vision import VisionSpec
 

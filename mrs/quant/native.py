@@ -3,7 +3,7 @@
 - ``qmatmul``: ``x @ w.T`` for a QArray ``w``, reading the packed blocks directly
   (``QArray.linear`` uses it for up to ``MAX_ROWS`` activation rows; prefill's
   larger matmuls stay with XLA, which dequantizes once and runs a GEMM).
-- ``decode_attention``: one query per slot over the KV cache, read in place
+- ``decode_attention``: one query per slot over the paged KV cache, read in place
   (``mrs.models.layers.cached_attention`` uses it for decode steps).
 
 The sources are compiled once per machine with the system's C++ compiler against
@@ -144,11 +144,12 @@ def qmatmul(x: jax.Array, q: Any) -> jax.Array:
     return call(x, q.data, q.scale, min_, high, bits=np.int32(q.bits), zero=np.int32(q.zero))
 
 
-def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, *, kv_len: int,
-                     window: int | None, scale: float, softcap: float | None) -> jax.Array:
+def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, pages: jax.Array, positions: jax.Array, *,
+                     kv_len: int, window: int | None, scale: float, softcap: float | None) -> jax.Array:
     """Attention of ``q [b, Hkv, G, D]`` (one query per slot, at ``positions [b]``) over the
-    first ``b`` slots of keys ``[B, Hkv, D, S]`` and values ``[B, Hkv, S, D]``, all float32;
+    paged cache: keys ``[P, Hkv, D, page]`` and values ``[P, Hkv, page, D]`` read in place
+    through the block tables ``pages [b, n]`` (``mrs.models.kv_cache``), all float32;
     returns ``[b, Hkv, G, D]``."""
     call = jax.ffi.ffi_call("mrs_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k_cache, v_cache, positions.astype(jnp.int32), kv_len=np.int64(kv_len),
+    return call(q, k_pool, v_pool, pages.astype(jnp.int32), positions.astype(jnp.int32), kv_len=np.int64(kv_len),
                 window=np.int64(window or 0), scale=np.float32(scale), softcap=np.float32(softcap or 0.0))

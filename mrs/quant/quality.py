@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrs.models.config import ModelConfig
-from mrs.models.layers import init_cache
+from mrs.models.kv_cache import init_cache
 
 
 @dataclass(frozen=True)
