@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per KV cache page (default %(default)s)")
     parser.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="KV cache element type (default: the model's dtype)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="do not reuse the KV cache of prompts that start like an earlier one")
     parser.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
                         help="waiting requests per model before 429 (default %(default)s)")
     parser.add_argument("--prefill-buckets", type=_int_list, default=None,
@@ -166,6 +168,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     engine = EngineConfig(
         max_batch=args.max_seqs, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
         kv_tokens=args.kv_tokens, kv_memory=args.kv_memory, kv_page_size=args.kv_page_size, kv_dtype=args.kv_dtype,
+        prefix_cache=not args.no_prefix_cache,
         warmup=not args.no_warmup,
     )
     if args.prefill_buckets:

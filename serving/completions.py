@@ -142,8 +142,11 @@ class _Timer:
         m.generated_tokens.labels(self.model_id).inc(completion_tokens)
 
 
-def _usage(finishes: dict[int, Finish], prompt_tokens: int) -> Usage:
-    return Usage(prompt_tokens, sum(f.usage.completion_tokens for f in finishes.values()))
+def _usage(finishes: dict[int, Finish], job: Job) -> Usage:
+    """The job's usage; a prompt's cached tokens are those of its first choice (the others
+    reuse that choice's prefill through the prefix cache, which is no saving of the prompt's)."""
+    cached = sum(f.usage.cached_tokens for index, f in finishes.items() if index % job.n == 0)
+    return Usage(job.prompt_tokens, sum(f.usage.completion_tokens for f in finishes.values()), cached)
 
 
 async def _merged(streams: list[Any], n: int) -> AsyncIterator[tuple[int, Event]]:
@@ -196,7 +199,7 @@ async def complete(job: Job, metrics: Metrics) -> dict[str, Any]:
     finally:
         if len(finishes) < total:  # the client went away (or an error): free the slots now
             job.cancel()
-    usage = _usage(finishes, job.prompt_tokens)
+    usage = _usage(finishes, job)
     timer.done(usage.prompt_tokens, usage.completion_tokens)
     choices = []
     for i in range(total):
@@ -282,7 +285,7 @@ async def _chunks(job: Job, streams: list[Any], metrics: Metrics) -> AsyncIterat
             if parsers and (rest := parsers[index].finish()):
                 yield chunk(index, rest, [], None)
             yield chunk(index, None, [], finish_reason(event.reason, calls_sent[index] > 0))
-        usage = _usage(finishes, job.prompt_tokens)
+        usage = _usage(finishes, job)
         timer.done(usage.prompt_tokens, usage.completion_tokens)
         if job.include_usage:
             yield sse.event({"id": job.id, "object": job.chunk_object, "created": job.created,

@@ -50,10 +50,15 @@ class ModelList(_Open):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(_Open):
+    cached_tokens: int  # prompt tokens whose KV cache was reused (the prefix cache)
+
+
 class Usage(_Open):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(_Open):

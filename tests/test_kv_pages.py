@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from test_engine_tiny import hf_greedy, prompt, run
+from test_engine_tiny import hf_greedy, prompt, run, run_many
 from tiny_llama import tiny_llama
 
 from mrs.config.schema import EngineConfig
 from mrs.config.validate import check_kv_cache
 from mrs.engine.engine import Engine
-from mrs.engine.kv_pages import PagePool
+from mrs.engine.kv_pages import PagePool, prefix_hashes
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta
 from mrs.errors import ConfigError
 from mrs.models.config import ModelConfig
@@ -65,6 +65,36 @@ def test_a_thousand_random_sequences_leak_no_page() -> None:
     for slot in list(lengths):
         pool.release(slot)
     assert pool.used == 0 and pool.free == geo.pages and sorted(pool._free) == list(range(geo.pages))
+
+
+def test_prefix_pages_are_shared_kept_while_idle_and_reused_least_recent_first() -> None:
+    pool = PagePool(KVGeometry(pages=6, page_size=4, context=24, dtype="float32"), slots=2)
+    a, b = list(range(10)), list(range(9)) + [99]  # the same first two pages, then not
+    names_a, names_b = prefix_hashes(a, 4), prefix_hashes(b, 4)
+    assert len(names_a) == 2 and names_a[:2] == names_b[:2] and prefix_hashes(a[:8], 4) == names_a
+    assert prefix_hashes([1, 0, 2, 3], 4) != prefix_hashes([0, 1, 2, 3], 4)
+    assert pool.match(names_a, len(a)) == []
+    pool.reserve(0, 12)
+    pool.grow(0, 10)
+    pool.register(0, names_a)
+    assert pool.cached == 2 and pool.match(names_b, len(b)) == [0, 1]
+    assert pool.match(names_a, 8) == [0]  # the prompt's last token is always prefilled
+    shared = pool.match(names_b, len(b))
+    assert pool.fits(17, shared) and not pool.fits(21, shared)  # 3 held, 3 free: 5 pages with the 2 shared fit
+    pool.reserve(1, 12, shared)
+    pool.grow(1, 10)
+    assert list(pool.tables[1, :3]) == [0, 1, 3] and pool.used == 4
+    pool.release(0)
+    assert pool.used == 3 and pool.cached == 2  # pages 0 and 1 still held by slot 1
+    pool.release(1)
+    assert pool.used == 0 and pool.free == 6 and pool.cached == 2  # cached, idle, and counted free
+    pool.reserve(0, 24)  # every page: the free ones first, then the cached ones, least recent first
+    pool.grow(0, 16)
+    assert pool.cached == 2
+    pool.grow(0, 24)
+    assert pool.cached == 0 and pool.match(names_a, len(a)) == []
+    pool.release(0)
+    assert pool.free == 6
 
 
 def test_geometry_from_the_engine_config() -> None:
@@ -155,6 +185,77 @@ def test_a_thousand_requests_of_random_lengths_return_every_page(tiny) -> None:
         pool = engine._pages
         assert engine.stats()["kv_pages_used"] == 0
         assert sorted(pool._free) == list(range(pool.geometry.pages)) and (pool.tables == NO_PAGE).all()
+    finally:
+        engine.shutdown()
+
+
+def test_a_shared_prefix_prefills_once_and_answers_as_without_the_cache(tiny) -> None:
+    cached, plain = _engine(tiny, kv_page_size=8), _engine(tiny, kv_page_size=8, prefix_cache=False)
+    try:
+        system = prompt(70, seed=5)
+        questions = [system + prompt(12, seed=6 + i)[1:] for i in range(3)] + [system[:37] + [7, 7, 7]]
+        sampling = dict(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=True)
+        first, _, finish = run(cached, questions[0], **sampling)
+        assert finish.usage.cached_tokens == 0
+        for ids in questions[1:]:
+            tokens, deltas, finish = run(cached, ids, **sampling)
+            want_tokens, want_deltas, want_finish = run(plain, ids, **sampling)
+            assert tokens == want_tokens
+            np.testing.assert_allclose([d.logprobs[0].logprob for d in deltas],
+                                       [d.logprobs[0].logprob for d in want_deltas], atol=1e-5)
+            common = next(i for i, (x, y) in enumerate(zip(ids, questions[0])) if x != y)
+            assert finish.usage.cached_tokens == common // 8 * 8 > 0 and want_finish.usage.cached_tokens == 0
+        # all at once: sharing pages while they decode side by side changes nobody's tokens
+        requests = [GenerationRequest(ids, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+                    for ids in questions]
+        assert run_many(cached, requests) == run_many(plain, requests)
+        stats = cached.stats()
+        assert stats["kv_pages_used"] == 0 and stats["kv_pages_cached"] > 0
+    finally:
+        cached.shutdown()
+        plain.shutdown()
+
+
+def test_cached_prefixes_and_short_continuations_compile_nothing_after_warm_up(tiny) -> None:
+    """A prompt's rest after a cached prefix (or a long prompt's short last chunk) runs in the
+    short continuation chunk (the middle bucket, 32 here), warmed up for every attention length."""
+    engine = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], warmup=True)
+    plain = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], prefix_cache=False)
+    try:
+        before = dict(engine._steps.traces)
+        base = prompt(100, seed=11)
+        for ids in (base[:50], base[:60] + [1, 2], base + [3], base[:9] + prompt(90, seed=12), prompt(70, seed=13)):
+            got = run(engine, ids, temperature=0.0, max_tokens=4, ignore_eos=True)
+            assert got[0] == run(plain, ids, temperature=0.0, max_tokens=4, ignore_eos=True)[0]
+        assert got[2].usage.cached_tokens == 0 and dict(engine._steps.traces) == before
+        assert "prefill/32/128" in before  # the short continuation (a first chunk of 32 attends 32 rows)
+    finally:
+        engine.shutdown()
+        plain.shutdown()
+
+
+def test_a_bfloat16_cache_halves_the_pool_and_still_decodes(tiny) -> None:
+    half, full = _engine(tiny, kv_dtype="bfloat16"), _engine(tiny)
+    try:
+        assert half.stats()["kv_cache_bytes"] * 2 == full.stats()["kv_cache_bytes"] > 0
+        ids = prompt(30, seed=4)
+        tokens, deltas, _ = run(half, ids, temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=True)
+        want, want_deltas, _ = run(full, ids, temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=True)
+        assert tokens == want  # the tiny model's logits are peaked: bfloat16 keys and values keep its choices
+        np.testing.assert_allclose([d.logprobs[0].logprob for d in deltas],
+                                   [d.logprobs[0].logprob for d in want_deltas], atol=0.05)
+    finally:
+        half.shutdown()
+        full.shutdown()
+
+
+def test_n_choices_share_their_prompt(tiny) -> None:
+    engine = _engine(tiny, kv_page_size=8)
+    try:
+        ids = prompt(40, seed=9)
+        events = list(engine.submit(GenerationRequest(ids, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=4))))
+        finishes = sorted((e for e in events if isinstance(e, Finish)), key=lambda f: f.index)
+        assert [f.usage.cached_tokens for f in finishes] == [0, 32, 32]
     finally:
         engine.shutdown()
 

@@ -25,9 +25,9 @@ import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import httpx
+from servers import rss_mib
 
 
 async def _stream_one(client: httpx.AsyncClient, model: str, chat: bool, max_tokens: int, i: int) -> dict:
@@ -87,13 +87,6 @@ async def concurrent(url: str, clients: int, max_tokens: int) -> int:
     return 1 if errors else 0
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def sequential(url: str, requests: int, pid: int, max_tokens: int) -> int:
     samples = []
     with httpx.Client(base_url=url, timeout=600) as client:
@@ -106,7 +99,7 @@ def sequential(url: str, requests: int, pid: int, max_tokens: int) -> int:
                 print(f"request {i} failed: {r.status_code} {r.text}")
                 return 1
             if i % 50 == 0 or i == requests - 1:
-                samples.append((i, _rss_mib(pid)))
+                samples.append((i, rss_mib(pid)))
                 print(f"  after {i + 1:4d} requests: RSS {samples[-1][1]:.0f} MiB", flush=True)
     growth = samples[-1][1] - samples[1][1] if len(samples) > 2 else 0.0
     print(f"RSS growth from request 51 to {requests}: {growth:+.0f} MiB")
@@ -185,7 +178,7 @@ async def soak(url: str, clients: int, requests: int, pid: int | None, hang_up: 
                     errors.append(outcome)
                 done += 1
                 if pid and (done % max(1, requests // 10) == 0):
-                    rss.append((done, _rss_mib(pid)))
+                    rss.append((done, rss_mib(pid)))
                     print(f"  {done:5d}/{requests} requests, RSS {rss[-1][1]:.0f} MiB", flush=True)
 
         begin = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Start a server process for a benchmark and wait until its ``/health`` answers 200."""
+"""Start a server process for a benchmark and wait until its ``/health`` answers 200; read its RSS."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def free_port() -> int:
 class Running:
     url: str
     ready_s: float  # from starting the process to the first 200 from /health
+    pid: int
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (``VmRSS``), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 @contextlib.contextmanager
@@ -46,7 +55,7 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{command[0]} not healthy after {timeout_s:.0f} s")
             time.sleep(0.2)
-        yield Running(url, time.perf_counter() - begin)
+        yield Running(url, time.perf_counter() - begin, proc.pid)
     except BaseException:
         print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]),
               file=sys.stderr)

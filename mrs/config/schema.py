@@ -58,6 +58,7 @@ class EngineConfig:
     kv_memory: str | None = None  # e.g. "512MiB"; overrides kv_tokens
     kv_page_size: int = 32  # tokens per page
     kv_dtype: str | None = None  # float32 | bfloat16 | float16; None: the model's dtype
+    prefix_cache: bool = True  # prompts that start like an earlier one reuse its KV pages
     max_queue: int = 256  # waiting requests before submit raises Overloaded
     prefill_buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     warmup: bool = True  # compile every bucket before reporting ready

@@ -38,7 +38,7 @@ from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.grammar import Constraint, GrammarEngine
 from mrs.engine.image_plan import Span, check_images, chunk_injection, chunk_plan
-from mrs.engine.kv_pages import PagePool
+from mrs.engine.kv_pages import PagePool, prefix_hashes
 from mrs.engine.placed import build_steps
 from mrs.engine.sampling import SampleOut, all_allowed, host_row
 from mrs.engine.steps import EncodeImages, batch_buckets, bucket_for, kv_buckets
@@ -64,6 +64,8 @@ class _Request:
     seed: int
     spans: list[Span] = field(default_factory=list)  # its images' placeholder positions
     features: np.ndarray | None = None  # its images' encoder output, once its first choice prefills
+    # Its prompt's full pages' names in the prefix cache; empty when it takes no part (see _prefix_names).
+    page_names: list[bytes] = field(default_factory=list)
     seqs: list["_Seq"] = field(default_factory=list)
     cancelled: bool = False
 
@@ -79,6 +81,7 @@ class _Seq:
     constraint: Constraint | None = None  # the request's grammar, this choice's state
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill; sent with the first token
     slot: int | None = None
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
     generated: int = 0  # tokens seen on the host
     dispatched: int = 0  # decode steps dispatched after the prefill
     done: bool = False
@@ -129,6 +132,10 @@ class Engine:
             if self._prefill_buckets[-1] < per_image:
                 self._prefill_buckets.append(min(1 << (per_image - 1).bit_length(), self.context_limit))
         self._kv_buckets = kv_buckets(self.context_limit)
+        # A continuation chunk that fits pads to this instead of the largest bucket: the rest of a
+        # prompt after a cached prefix (or a long prompt's last few tokens) costs a short chunk.
+        middle = self._prefill_buckets[len(self._prefill_buckets) // 2]
+        self._short_chunk = middle if middle < self._prefill_buckets[-1] else None
         self._batch_buckets = batch_buckets(self.max_batch)
         self._steps = build_steps(model_config, self.max_batch, self._kv, checkpoint.placement)
         self._params = self._steps.place_params(checkpoint.params)
@@ -214,7 +221,8 @@ class Engine:
         spans = check_images(request.prompt_ids, request.pixel_values, self._vision and self._vision.spec,
                              self.checkpoint.source)
         constraints = self._grammars.constraints(sp.grammar, sp.n) if sp.grammar else [None] * sp.n
-        req = _Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed, spans)
+        req = _Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed, spans,
+                       page_names=self._prefix_names(request))
         req.seqs = [
             _Seq(req, i, max_tokens, IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sp.stop), constraint)
             for i, constraint in enumerate(constraints)
@@ -257,6 +265,7 @@ class Engine:
             "kv_cache_bytes": self._kv_cache_bytes,
             "kv_pages_total": self._kv.pages,
             "kv_pages_used": self._pages.used,
+            "kv_pages_cached": self._pages.cached,
             "kv_page_size": self._kv.page_size,
             "context_limit": self.context_limit,
         }
@@ -337,21 +346,25 @@ class Engine:
         self._pages.reserve(0, self.context_limit)  # real pages: staged placements run their variants
         self._pages.grow(0, self.context_limit)
         mask = self._all_allowed[0]
-        starts = {self._chunk_kv_len(start): start for start in self._continuations()}  # one per attention length
+        chunk = self._prefill_buckets[-1]
+        starts = self._continuations(chunk)
         active = np.zeros(self.max_batch, bool)
         active[0] = True
         variants: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # (step, arguments, keyword arguments)
         for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
             variants += [("prefill", *self._prefill_inputs(0, [0], 0, length, True, mask, targets))
                          for length in self._prefill_buckets]
-            variants += [("prefill", *self._prefill_inputs(0, [0], start, self._prefill_buckets[-1], True, mask, targets))
-                         for start in starts.values()]
+            variants += [("prefill", *self._prefill_inputs(0, [0], start, chunk, True, mask, targets))
+                         for start in starts]
+        if self._short_chunk is not None:
+            variants += [("prefill", *self._prefill_inputs(0, [0], start, self._short_chunk, True, mask, None))
+                         for start in self._continuations(self._short_chunk)]
         variants += [("decode", (active, self._unconstrained, self._pages.tables.copy()),
                       {"kv_len": kv_len, "rows": rows})
                      for kv_len in self._kv_buckets for rows in self._batch_buckets]
         if self._encode is not None:
             self._encode.warm(self._vision_params)
-            variants += self._image_variants(starts.values(), mask)
+            variants += self._image_variants(starts, mask)
         logged = begin
         for done, (step, args, kwargs) in enumerate(variants, 1):
             self._state = self._steps.warm(step, self._params, self._state, *args, **kwargs)
@@ -378,12 +391,25 @@ class Engine:
             variants.append(("prefill", *self._prefill_inputs(0, [0], start, length, True, mask, None, injected)))
         return variants
 
-    def _continuations(self) -> range:
-        chunk = self._prefill_buckets[-1]
-        return range(chunk, self.context_limit, chunk)
+    def _continuations(self, length: int) -> list[int]:
+        """One start for each attention length a continuation chunk of ``length`` can have: it
+        starts after a whole chunk or after cached prefix pages."""
+        page, chunk = self._kv.page_size, self._prefill_buckets[-1]
+        starts = sorted(set(range(page, self.context_limit, page)) | set(range(chunk, self.context_limit, chunk)))
+        return list({self._chunk_kv_len(start, length): start for start in starts}.values())
 
-    def _chunk_kv_len(self, start: int) -> int:
-        return bucket_for(start + self._prefill_buckets[-1], self._kv_buckets)
+    def _chunk_kv_len(self, start: int, length: int) -> int:
+        return bucket_for(start + length, self._kv_buckets)
+
+    def _chunk_length(self, start: int, tokens: int, plain: bool) -> int:
+        """The padded length of a prompt chunk of ``tokens`` tokens at ``start``: the first
+        chunk's bucket; a continuation's is the largest bucket, or the short one when it fits
+        and the chunk is plain (no image, not scored: those have no short variant)."""
+        if start == 0:
+            return bucket_for(tokens, self._prefill_buckets)
+        if plain and self._short_chunk is not None and tokens <= self._short_chunk:
+            return self._short_chunk
+        return self._prefill_buckets[-1]
 
     def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool,
                        mask: np.ndarray, targets: list[int] | None = None, injected: Injected | None = None,
@@ -399,7 +425,7 @@ class Engine:
         """The prefill step's arguments after the parameters and state, and its keyword arguments."""
         tokens = np.zeros(length, np.int32)
         tokens[: len(chunk)] = chunk
-        kv_len = length if start == 0 else self._chunk_kv_len(start)
+        kv_len = length if start == 0 else self._chunk_kv_len(start, length)
         scored = {} if targets is None else {"targets": np.pad(np.asarray(targets, np.int32), (0, length - len(targets))),
                                              "score": True}
         images = {} if injected is None else {"injected": injected}
@@ -436,9 +462,9 @@ class Engine:
         spans, features = seq.req.spans, self._image_features(seq.req)
         scoring = sp.prompt_logprobs is not None
         scores: list[tuple[int, Any]] = []  # (chunk start, its prompt scores)
-        for start, stop in chunk_plan(len(ids), chunk_size, spans):
+        for start, stop in chunk_plan(len(ids), chunk_size, spans, seq.cached):
             chunk = ids[start:stop]
-            length = bucket_for(len(chunk), self._prefill_buckets) if start == 0 else chunk_size
+            length = self._chunk_length(start, len(chunk), plain=not scoring and features is None)
             targets = ids[start + 1 : stop + 1] if scoring else None
             injected = None if features is None else chunk_injection(
                 features, spans, start, stop, length, self._vision.spec.bidirectional)
@@ -447,7 +473,17 @@ class Engine:
                 scores.append((start, jax.device_get(out.prompt)))
         if scoring:
             seq.prompt_logprobs = self._prompt_logprobs(ids, scores, sp.prompt_logprobs)
+        self._pages.register(slot, seq.req.page_names)  # later prompts' prefills run after this one's
         return out
+
+    def _prefix_names(self, request: GenerationRequest) -> list[bytes]:
+        """The prompt's page names for the prefix cache; none when it is off, for prompts with
+        images (their placeholder tokens do not say which image) and for prompts to score
+        (every position's logits are wanted)."""
+        if (not self.config.prefix_cache or request.pixel_values is not None
+                or request.sampling.prompt_logprobs is not None):
+            return []
+        return prefix_hashes(request.prompt_ids, self._kv.page_size)
 
     def _image_features(self, req: _Request) -> np.ndarray | None:
         """The request's image features on the host (computed once for all its choices)."""
@@ -476,13 +512,18 @@ class Engine:
         while True:
             free = next((i for i, s in enumerate(self._slots) if s is None), None)
             with self._lock:
-                # First come, first served: the head waits for KV pages rather than be overtaken.
-                if free is None or not self._waiting or not self._pages.fits(self._waiting[0].budget):
+                if free is None or not self._waiting:
                     break
-                seq = self._waiting.popleft()
+                seq = self._waiting[0]
+                shared = self._pages.match(seq.req.page_names, seq.prompt_len)
+                # First come, first served: the head waits for KV pages rather than be overtaken.
+                if not seq.done and not self._pages.fits(seq.budget, shared):
+                    break
+                self._waiting.popleft()
             if seq.done:
                 continue
-            self._pages.reserve(free, seq.budget)
+            self._pages.reserve(free, seq.budget, shared)
+            seq.cached = len(shared) * self._kv.page_size
             try:
                 out = self._prefill(seq, free)
             except Exception as exc:
@@ -598,7 +639,7 @@ class Engine:
         if seq.slot is not None and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
             self._pages.release(seq.slot)  # steps in flight that still write there run before any reuse
-        seq.req.stream.push(Finish(seq.index, reason, Usage(seq.prompt_len, seq.generated), error))
+        seq.req.stream.push(Finish(seq.index, reason, Usage(seq.prompt_len, seq.generated, seq.cached), error))
         if all(s.done for s in seq.req.seqs):
             with self._lock:
                 self._requests.pop(seq.req.request.request_id, None)

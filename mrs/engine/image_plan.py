@@ -76,9 +76,10 @@ def check_image_count(given: int, spec: VisionSpec, model: str) -> None:
                              f"{spec.max_images}", param="messages")
 
 
-def chunk_plan(length: int, chunk_size: int, spans: list[Span]) -> list[Span]:
-    """Prefill chunks ``[start, stop)`` of at most ``chunk_size`` tokens, none splitting an image."""
-    chunks, start = [], 0
+def chunk_plan(length: int, chunk_size: int, spans: list[Span], start: int = 0) -> list[Span]:
+    """Prefill chunks ``[start, stop)`` of at most ``chunk_size`` tokens from ``start`` (the
+    first token not in the KV cache yet), none splitting an image."""
+    chunks = []
     while start < length:
         stop = min(start + chunk_size, length)
         for s, e in spans:

@@ -75,6 +75,7 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cache came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
