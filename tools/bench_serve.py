@@ -4,8 +4,8 @@
 
 Builds nothing: run ``bash tools/build_llama_server.sh`` first (or pass ``--llama-server``).
 Starts each server in turn on SmolLM2-135M-Instruct Q4_1 (the demo GGUF) with the same slot
-count, context per slot and threads (``llama-server -t 2 -tb 2 -np SLOTS -c SLOTS*CTX``;
-``mrs-server --max-seqs SLOTS --max-seq-len CTX``), then at each client count sends the
+count, context and threads (``llama-server -t 2 -tb 2 -np SLOTS -c SLOTS*CTX``;
+``mrs-server --max-seqs SLOTS --max-seq-len CTX --kv-tokens SLOTS*CTX``), then at each client count sends the
 same chat requests (different prompts, temperature 0.8, a seed each, end tokens ignored
 so every request makes ``--max-tokens`` tokens), streamed and not. Each client sends its
 requests one after the other, enough rounds for ``--min-requests`` per level. Prints one table: aggregate completion tok/s
@@ -191,7 +191,8 @@ def main() -> int:
         if args.only != "llama":
             port = free_port()
             command = [str(Path(sys.executable).parent / "mrs-server"), "--port", str(port), "--max-seqs", str(args.slots),
-                       "--max-seq-len", str(args.ctx), "gguf", "-m", str(gguf_dir), "-f", GGUF_FILE]
+                       "--max-seq-len", str(args.ctx), "--kv-tokens", str(args.slots * args.ctx),
+                       "gguf", "-m", str(gguf_dir), "-f", GGUF_FILE]
             with running(command, port, Path(tmp) / "mrs-server.log") as proc:
                 ready["mrs-server"] = proc.ready_s
                 results["mrs"] = measure("mrs-server", proc.url, args)

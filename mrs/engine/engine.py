@@ -1,6 +1,9 @@
 """One engine per model: a thread that batches every in-flight request into one
 decode step (continuous batching), with on-device sampling and streaming events.
 
+Which request runs in which slot, with which KV pages, is ``mrs.engine.scheduler``'s call
+(plain Python); this module runs the thread, the device steps and the events.
+
 Loop, per iteration: apply cancellations; prefill waiting requests into free slots;
 dispatch the decode step for all slots (async); only then copy the *previous*
 step's tokens to the host and turn them into events, so the host work overlaps the
@@ -22,12 +25,11 @@ beyond that; with no constrained slot the loop is unchanged.
 from __future__ import annotations
 
 import bisect
-import collections
 import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -36,16 +38,17 @@ import numpy as np
 from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
 from mrs.engine.detokenizer import IncrementalDetokenizer
-from mrs.engine.grammar import Constraint, GrammarEngine
-from mrs.engine.image_plan import Span, check_images, chunk_injection, chunk_plan
+from mrs.engine.grammar import GrammarEngine
+from mrs.engine.image_plan import check_images, chunk_injection, chunk_plan
 from mrs.engine.kv_pages import PagePool, prefix_hashes
 from mrs.engine.placed import build_steps
 from mrs.engine.sampling import SampleOut, all_allowed, host_row
+from mrs.engine.scheduler import Request, Scheduler, Seq
 from mrs.engine.steps import EncodeImages, batch_buckets, bucket_for, kv_buckets
 from mrs.engine.stream import RequestStream
 from mrs.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob, Usage
 from mrs.engine.validate import validate_request
-from mrs.errors import InvalidRequest, ModelUnavailable, Overloaded
+from mrs.errors import ModelUnavailable
 from mrs.loading.checkpoint import Checkpoint
 from mrs.models import kv_cache
 from mrs.models.config import ModelConfig
@@ -56,55 +59,10 @@ log = logging.getLogger(__name__)
 WARMUP_LOG_SECONDS = 10.0  # at most one progress line per this many seconds of warm-up
 
 
-@dataclass(eq=False)
-class _Request:
-    request: GenerationRequest
-    stream: RequestStream
-    stop_ids: frozenset[int]
-    seed: int
-    spans: list[Span] = field(default_factory=list)  # its images' placeholder positions
-    features: np.ndarray | None = None  # its images' encoder output, once its first choice prefills
-    # Its prompt's full pages' names in the prefix cache; empty when it takes no part (see _prefix_names).
-    page_names: list[bytes] = field(default_factory=list)
-    seqs: list["_Seq"] = field(default_factory=list)
-    cancelled: bool = False
-
-
-@dataclass(eq=False)
-class _Seq:
-    """One of a request's ``n`` choices; owns a slot while it runs."""
-
-    req: _Request
-    index: int
-    max_tokens: int
-    detok: IncrementalDetokenizer
-    constraint: Constraint | None = None  # the request's grammar, this choice's state
-    prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill; sent with the first token
-    slot: int | None = None
-    cached: int = 0  # prompt tokens whose KV came from the prefix cache
-    generated: int = 0  # tokens seen on the host
-    dispatched: int = 0  # decode steps dispatched after the prefill
-    done: bool = False
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.req.request.prompt_ids)
-
-    @property
-    def budget(self) -> int:
-        """The most tokens it can hold in the KV cache: its prompt and every token it may sample."""
-        return self.prompt_len + self.max_tokens
-
-    @property
-    def in_flight(self) -> bool:
-        """A sampled token the host has not seen yet (the prefill's, or a dispatched step's)."""
-        return self.generated < 1 + self.dispatched
-
-
 @dataclass
 class _Step:
     out: SampleOut
-    owners: list[_Seq | None]
+    owners: list[Seq | None]
     started: float
     constrained: bool  # some owner has a grammar: the next step needs this one's tokens first
 
@@ -117,7 +75,8 @@ class Engine:
         model_config = checkpoint.config
         self.max_batch = self.config.max_batch
         self._kv = kv_cache.geometry(self.config, model_config)
-        self._pages = PagePool(self._kv, self.max_batch)
+        self._scheduler = Scheduler(self.max_batch, self.config.max_queue, PagePool(self._kv, self.max_batch))
+        self._pages = self._scheduler.pages
         self.context_limit = self._kv.context
         self._prefill_buckets = sorted({b for b in self.config.prefill_buckets if b <= self.context_limit}) or [
             self.context_limit
@@ -148,14 +107,8 @@ class Engine:
         self._unconstrained = jax.device_put(self._all_allowed)
         self._grammar_seconds = 0.0  # host time in consuming tokens and filling masks
         self._state: Any = None
-        self._slots: list[_Seq | None] = [None] * self.max_batch
-        self._lock = threading.Lock()
-        self._waiting: collections.deque[_Seq] = collections.deque()
-        self._requests: dict[str, _Request] = {}
-        self._cancels: set[str] = set()
         self._wake = threading.Event()
         self._ready = threading.Event()
-        self._stopping = False
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._tokens_generated = 0
@@ -201,7 +154,7 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self._fatal is None and not self._stopping
+        return self._fatal is None and not self._scheduler.closed
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; returns its event stream (async inside an event loop, else sync).
@@ -221,40 +174,28 @@ class Engine:
         spans = check_images(request.prompt_ids, request.pixel_values, self._vision and self._vision.spec,
                              self.checkpoint.source)
         constraints = self._grammars.constraints(sp.grammar, sp.n) if sp.grammar else [None] * sp.n
-        req = _Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed, spans,
+        req = Request(request, RequestStream(request.request_id, sp.n), frozenset(stop_ids), seed, spans,
                        page_names=self._prefix_names(request))
         req.seqs = [
-            _Seq(req, i, max_tokens, IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sp.stop), constraint)
+            Seq(req, i, max_tokens, IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sp.stop), constraint)
             for i, constraint in enumerate(constraints)
         ]
-        with self._lock:
-            if self._stopping or self._fatal is not None:
-                raise ModelUnavailable("the engine is not running")
-            if request.request_id in self._requests:
-                raise InvalidRequest(f"request id {request.request_id!r} is already in flight", param="request_id")
-            if self._queue_depth() >= self.config.max_queue:
-                raise Overloaded(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
-            self._requests[request.request_id] = req
-            self._waiting.extend(req.seqs)
+        self._scheduler.enqueue(req)
         self._wake.set()
         return req.stream
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its choices finish with reason ``cancelled`` and free their slots."""
-        with self._lock:
-            self._cancels.add(request_id)
+        self._scheduler.cancel(request_id)
         self._wake.set()
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            queue_depth = self._queue_depth()
-        busy = sum(s is not None for s in self._slots)
         return {
             "ready": self.ready,
             "healthy": self.healthy,
-            "slots_busy": busy,
+            "slots_busy": self._scheduler.busy,
             "slots_total": self.max_batch,
-            "queue_depth": queue_depth,
+            "queue_depth": self._scheduler.queue_depth,
             "tokens_generated": self._tokens_generated,
             "decode_steps": self._steps_run,
             "step_time_ms": 1000 * self._step_seconds,
@@ -272,16 +213,12 @@ class Engine:
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the thread; requests still in flight finish with reason ``cancelled``."""
-        with self._lock:
-            self._stopping = True
+        self._scheduler.close()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
     # ---- engine thread ----------------------------------------------------------------
-
-    def _queue_depth(self) -> int:
-        return len({id(seq.req) for seq in self._waiting})
 
     def _run(self) -> None:
         try:
@@ -301,10 +238,7 @@ class Engine:
             return
         self._ready.set()
         pending: _Step | None = None
-        while True:
-            with self._lock:
-                if self._stopping:
-                    break
+        while not self._scheduler.closed:
             try:
                 self._apply_cancels()
                 admitted = self._admit()
@@ -323,17 +257,12 @@ class Engine:
                 pending = None
                 self._reset(exc)
                 continue
-            if pending is None and not admitted and not self._admissible():
+            # Sleep unless the last step's collection just freed room for a waiting request: no
+            # submit is coming to wake the thread then (it used to sleep with a full queue).
+            if pending is None and not admitted and not self._scheduler.admissible():
                 self._wake.wait()
                 self._wake.clear()
         self._close()
-
-    def _admissible(self) -> bool:
-        """Requests wait and a slot is free: the last step's collection just freed one, and
-        no submit is coming to wake the thread (it used to sleep here with a full queue)."""
-        with self._lock:
-            return (bool(self._waiting) and any(s is None for s in self._slots)
-                    and self._pages.fits(self._waiting[0].budget))
 
     def _warmup(self) -> None:
         """Compile every prefill bucket, chunk continuation and decode kv bucket, logging progress."""
@@ -433,7 +362,7 @@ class Engine:
         return (np.int32(slot), tokens, np.int32(start), np.int32(len(chunk)), np.bool_(final), mask, pages), {
             "kv_len": kv_len, **scored, **images}
 
-    def _masks(self, seqs: list[tuple[int, _Seq]], rows: int) -> np.ndarray:
+    def _masks(self, seqs: list[tuple[int, Seq]], rows: int) -> np.ndarray:
         """The token bitmask for ``rows`` slots: each constrained ``(row, seq)``'s grammar, all ones elsewhere.
 
         A fresh array per step: the device may read a numpy argument in place (zero-copy
@@ -444,7 +373,7 @@ class Engine:
             mask[row] = seq.constraint.mask[0]
         return mask
 
-    def _prefill(self, seq: _Seq, slot: int) -> SampleOut:
+    def _prefill(self, seq: Seq, slot: int) -> SampleOut:
         """Insert ``seq``'s sampling row into ``slot`` and prefill its prompt (chunked)."""
         request = seq.req.request
         sp = request.sampling
@@ -473,7 +402,6 @@ class Engine:
                 scores.append((start, jax.device_get(out.prompt)))
         if scoring:
             seq.prompt_logprobs = self._prompt_logprobs(ids, scores, sp.prompt_logprobs)
-        self._pages.register(slot, seq.req.page_names)  # later prompts' prefills run after this one's
         return out
 
     def _prefix_names(self, request: GenerationRequest) -> list[bytes]:
@@ -485,7 +413,7 @@ class Engine:
             return []
         return prefix_hashes(request.prompt_ids, self._kv.page_size)
 
-    def _image_features(self, req: _Request) -> np.ndarray | None:
+    def _image_features(self, req: Request) -> np.ndarray | None:
         """The request's image features on the host (computed once for all its choices)."""
         pixels = req.request.pixel_values
         if pixels is None or self._encode is None:
@@ -507,34 +435,20 @@ class Engine:
             items.append(TokenLogprob(token, decode(token), float(scores.logprob[at]), alternatives))
         return items
 
-    def _admit(self) -> list[tuple[_Seq, SampleOut]]:
+    def _admit(self) -> list[tuple[Seq, SampleOut]]:
         admitted = []
-        while True:
-            free = next((i for i, s in enumerate(self._slots) if s is None), None)
-            with self._lock:
-                if free is None or not self._waiting:
-                    break
-                seq = self._waiting[0]
-                shared = self._pages.match(seq.req.page_names, seq.prompt_len)
-                # First come, first served: the head waits for KV pages rather than be overtaken.
-                if not seq.done and not self._pages.fits(seq.budget, shared):
-                    break
-                self._waiting.popleft()
-            if seq.done:
-                continue
-            self._pages.reserve(free, seq.budget, shared)
-            seq.cached = len(shared) * self._kv.page_size
+        while (next_up := self._scheduler.next_admission()) is not None:
+            seq, slot = next_up
             try:
-                out = self._prefill(seq, free)
+                out = self._prefill(seq, slot)
             except Exception as exc:
                 log.exception("prefill of %s failed", seq.req.request.request_id)
-                self._pages.release(free)
+                self._scheduler.release_unadmitted(slot)
                 self._fail_request(seq.req, exc)
                 if any(x.is_deleted() for x in jax.tree.leaves(self._state)):
                     self._reset(exc)  # the donated state went down with it
                 continue
-            seq.slot = free
-            self._slots[free] = seq
+            self._scheduler.admitted(seq, slot, seq.req.page_names)
             if seq.constraint is not None:  # its first decode step's mask needs this token
                 self._emit_first(seq, out)
             else:
@@ -543,31 +457,17 @@ class Engine:
 
     def _dispatch(self) -> _Step | None:
         """Launch one decode step for every slot that may still produce a token."""
-        active = np.zeros(self.max_batch, bool)
-        owners: list[_Seq | None] = [None] * self.max_batch
-        constrained: list[tuple[int, _Seq]] = []
-        longest = last = 0
-        for i, seq in enumerate(self._slots):
-            if seq is None or seq.done or 1 + seq.dispatched >= seq.max_tokens:
-                continue
-            if seq.constraint is not None:
-                if seq.in_flight:  # its mask would be stale: wait for its token
-                    continue
-                constrained.append((i, seq))
-            active[i], owners[i], last = True, seq, i
-            longest = max(longest, seq.prompt_len + seq.dispatched + 1)
-            self._pages.grow(i, seq.prompt_len + seq.dispatched + 1)  # the row this step writes
-            seq.dispatched += 1
-        if not active.any():
+        plan = self._scheduler.plan_decode()
+        if plan is None:
             return None
         started = time.perf_counter()
-        kv_len = bucket_for(longest, self._kv_buckets)
-        rows = bucket_for(last + 1, self._batch_buckets)  # slots fill lowest first
-        mask = self._masks(constrained, self.max_batch) if constrained else self._unconstrained
+        kv_len = bucket_for(plan.longest, self._kv_buckets)
+        rows = bucket_for(plan.rows, self._batch_buckets)  # slots fill lowest first
+        mask = self._masks(plan.constrained, self.max_batch) if plan.constrained else self._unconstrained
         pages = self._pages.tables.copy()  # a fresh array: see _masks
-        self._state, out = self._steps.decode(self._params, self._state, active, mask, pages, kv_len=kv_len,
+        self._state, out = self._steps.decode(self._params, self._state, plan.active, mask, pages, kv_len=kv_len,
                                               rows=rows)
-        return _Step(out, owners, started, bool(constrained))
+        return _Step(out, plan.owners, started, bool(plan.constrained))
 
     def _fetch(self, step: _Step) -> SampleOut:
         host = jax.device_get(step.out)  # the one device-to-host copy of this step
@@ -581,11 +481,11 @@ class Engine:
             if seq is not None and not seq.done and (seq.constraint is not None) == constrained:
                 self._emit_isolated(seq, host, i)
 
-    def _emit_first(self, seq: _Seq, out: SampleOut) -> None:
+    def _emit_first(self, seq: Seq, out: SampleOut) -> None:
         if not seq.done:
             self._emit_isolated(seq, jax.device_get(out), 0)
 
-    def _emit_isolated(self, seq: _Seq, host: SampleOut, row: int) -> None:
+    def _emit_isolated(self, seq: Seq, host: SampleOut, row: int) -> None:
         """``_emit``, where a failure (a detokenizer that raises, say) ends only ``seq``'s request."""
         try:
             self._emit(seq, host, row)
@@ -593,7 +493,7 @@ class Engine:
             log.exception("turning a token of %s into text failed", seq.req.request.request_id)
             self._fail_request(seq.req, exc)
 
-    def _emit(self, seq: _Seq, host: SampleOut, row: int) -> None:
+    def _emit(self, seq: Seq, host: SampleOut, row: int) -> None:
         """Turn one sampled token into a delta (and maybe a finish) for ``seq``."""
         token = int(host.tokens[row])
         seq.generated += 1
@@ -615,7 +515,7 @@ class Engine:
         if reason is not None:
             self._finish(seq, reason)
 
-    def _advance(self, seq: _Seq, token: int) -> bool:
+    def _advance(self, seq: Seq, token: int) -> bool:
         """Consume ``token`` into ``seq``'s grammar (and fill its next mask); whether it is now
         complete. A grammar at a dead end raises, and ``_emit_isolated`` fails only this request."""
         if seq.constraint is None:
@@ -634,28 +534,17 @@ class Engine:
         ]
         return TokenLogprob(token, decode(token), float(host.logprob[row]), alternatives)
 
-    def _finish(self, seq: _Seq, reason: str, error: Exception | None = None) -> None:
-        seq.done = True
-        if seq.slot is not None and self._slots[seq.slot] is seq:
-            self._slots[seq.slot] = None
-            self._pages.release(seq.slot)  # steps in flight that still write there run before any reuse
+    def _finish(self, seq: Seq, reason: str, error: Exception | None = None) -> None:
+        self._scheduler.finish(seq)
         seq.req.stream.push(Finish(seq.index, reason, Usage(seq.prompt_len, seq.generated, seq.cached), error))
-        if all(s.done for s in seq.req.seqs):
-            with self._lock:
-                self._requests.pop(seq.req.request.request_id, None)
 
-    def _fail_request(self, req: _Request, exc: Exception) -> None:
+    def _fail_request(self, req: Request, exc: Exception) -> None:
         for seq in req.seqs:
             if not seq.done:
                 self._finish(seq, "error", exc)
 
     def _apply_cancels(self) -> None:
-        with self._lock:
-            ids, self._cancels = self._cancels, set()
-            reqs = [self._requests[i] for i in ids if i in self._requests]
-            if reqs:
-                self._waiting = collections.deque(s for s in self._waiting if s.req not in reqs)
-        for req in reqs:
+        for req in self._scheduler.take_cancelled():
             req.cancelled = True
             for seq in req.seqs:
                 if not seq.done:
@@ -663,25 +552,19 @@ class Engine:
 
     def _reset(self, exc: Exception) -> None:
         """After a failed step: error out the running sequences and rebuild the state."""
-        for seq in self._slots:
-            if seq is not None:
-                self._fail_request(seq.req, exc)
-        self._slots = [None] * self.max_batch
-        self._pages.reset()
+        for seq in self._scheduler.running():
+            self._fail_request(seq.req, exc)
+        self._scheduler.reset()
         try:
             self._state = self._steps.init_state()
         except Exception as fatal:  # cannot even allocate: report unhealthy and stop
             log.exception("engine state could not be rebuilt")
             self._fatal = fatal
-            with self._lock:
-                self._stopping = True
+            self._scheduler.close()
 
     def _close(self) -> None:
         """Finish whatever is left when the thread stops, so no caller waits forever."""
-        with self._lock:
-            reqs = list(self._requests.values())
-            self._waiting.clear()
-        for req in reqs:
+        for req in self._scheduler.drain():
             for seq in req.seqs:
                 if not seq.done:
                     if self._fatal is not None:
