@@ -82,8 +82,8 @@ def _ttft(url: str, system: str, question: str) -> tuple[float, int, int]:
 
 def shared_prefix(cache: bool, args: argparse.Namespace, log: Path) -> dict:
     port = free_port()
-    command = [str(BIN / "mrs-server"), "--port", str(port), "gguf", "-m", str(models_dir()),
-               "-f", "SmolLM2-135M-Instruct.Q4_1.gguf"] + ([] if cache else ["--no-prefix-cache"])
+    command = [str(BIN / "mrs-server"), "--port", str(port), *([] if cache else ["--no-prefix-cache"]),
+               "gguf", "-m", str(models_dir()), "-f", "SmolLM2-135M-Instruct.Q4_1.gguf"]
     second, cached, prompt = [], [], 0
     with running(command, port, log) as proc:
         for trial in range(args.trials):
