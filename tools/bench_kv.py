@@ -9,8 +9,9 @@ token of a request whose long prefix an earlier one already prefilled.
    (``engine.kv_tokens=8192``) and with a pool as large as the per-slot cache it replaces
    (16 x 2,048 = 32,768 tokens, what every model allocated before paging).
 2. ``mrs-server gguf`` on the demo SmolLM2 (default engine), with the prefix cache and with
-   ``--no-prefix-cache``: a streamed chat request whose system prompt is about
-   ``--prefix-tokens`` tokens, then a second one with the same system prompt and another
+   ``--no-prefix-cache``: a streamed chat request whose system prompt is roughly
+   ``--prefix-tokens`` tokens (a word-count estimate that runs low: 1,500 gave prompts of
+   about 1,000 to 1,200 tokens; the table prints the real count), then a second one with the same system prompt and another
    question; the second's time to first token (median of ``--trials`` system prompts) and
    the ``cached_tokens`` its usage reports.
 """
