@@ -1,5 +1,5 @@
 """The Pallas paged decode-attention kernel (mrs.models.paged_attention) against XLA's
-attention (``mrs.models.layers._attend``) on the same pages.
+attention (``mrs.models.layers._attend``) on the same pages, and its dispatch.
 
 On CPU the kernel runs in Pallas's interpreter; ``MRS_PALLAS_COMPILED=1`` (tools/gpu_check.sh)
 compiles it with Triton instead, which needs a GPU.
@@ -8,6 +8,7 @@ compiles it with Triton instead, which needs a GPU.
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +17,11 @@ import pytest
 
 from mrs.models import paged_attention
 from mrs.models.kv_cache import NO_PAGE
-from mrs.models.layers import PAD_POSITION, _attend
+from mrs.models.layers import PAD_POSITION, Context, _attend, cached_attention
+from mrs.quant import native
 
 COMPILED = os.environ.get("MRS_PALLAS_COMPILED") == "1"
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call jaxlib <= 0.10.2 lowers a Triton kernel to
 
 
 def _pages(positions: list[int], window: int | None, kv_len: int, page: int, width: int, kv_heads: int,
@@ -77,3 +80,39 @@ def test_kernel_equals_xla(case: str) -> None:
     np.testing.assert_allclose(np.asarray(got, np.float32)[active], want[active], rtol=tol, atol=tol)
     assert not np.asarray(got, np.float32)[~active].any()  # an idle slot: zeros, as the native kernel
 
+
+def _decode_step(dim: int = 64, page: int = 16):
+    """A jitted decode step through ``cached_attention`` and example arguments (2 KV heads, groups of 4)."""
+    f32 = jnp.float32
+    args = (jnp.zeros((3, 1, 8, dim), f32), jnp.zeros((3, 1, 2, dim), f32), jnp.zeros((3, 1, 2, dim), f32),
+            (jnp.zeros((9, 2, dim, page), f32), jnp.zeros((9, 2, page, dim), f32)), jnp.zeros((3, 1), jnp.int32),
+            jnp.zeros((3, 4), jnp.int32))
+
+    def step(q, k, v, cache, positions, pages):
+        return cached_attention(q, k, v, cache, Context(positions, 48, None, pages), scale=0.125, window=None)[0]
+
+    return jax.jit(step).trace(*args)
+
+
+def _custom_calls(traced, platform: str) -> set[str]:
+    return set(re.findall(r'custom_call @?"?([\w$.]+)', traced.lower(lowering_platforms=(platform,)).as_text()))
+
+
+def test_a_gpu_process_lowers_decode_to_the_triton_kernel(monkeypatch) -> None:
+    """With a GPU as the default backend a decode step holds both kernels; each platform's
+    lowering keeps its own. JAX lowers for CUDA and ROCm without the device; Triton compiles
+    the kernel only on a GPU (tools/gpu_check.sh)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    traced = _decode_step()
+    assert TRITON_CALL in _custom_calls(traced, "cuda") and TRITON_CALL in _custom_calls(traced, "rocm")
+    assert "mrs_decode_attention" not in _custom_calls(traced, "cuda")
+    assert TRITON_CALL not in _custom_calls(traced, "cpu")
+    assert TRITON_CALL not in _custom_calls(_decode_step(dim=80), "cuda")  # not a power of two: XLA
+    assert TRITON_CALL not in _custom_calls(_decode_step(page=8), "cuda")  # a page under Triton's 16-row dots
+    with native.xla_only():  # as mesh steps trace
+        assert TRITON_CALL not in _custom_calls(_decode_step(), "cuda")
+
+
+def test_a_cpu_process_without_native_kernels_keeps_xla(monkeypatch) -> None:
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert _custom_calls(_decode_step(), "cpu") == set()  # XLA's own ops only, no kernel traced

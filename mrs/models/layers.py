@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrs.models import kv_cache
+from mrs.models import kv_cache, paged_attention
 from mrs.models.config import SLIDING, ModelConfig
 from mrs.models.kv_cache import KVCache, LayerCache, Stage
 from mrs.quant import native
@@ -209,31 +209,45 @@ def cached_attention(
     so a step over short sequences does not read more. ``b`` may be fewer than the cache's
     sequences: a step may run only the first ``b`` slots (the engine's decode does when
     the others are idle). ``context.spans`` widen each query's view beyond causality.
-    A decode step (``T == 1``) on CPU reads the pages in place through the native kernel.
+    A decode step (``T == 1``) reads the pages in place through a kernel: the native one on
+    CPU, the Pallas one on GPUs (see ``_decode``).
     """
     pages = None if context.pages is None else context.pages[: k.shape[0]]
     cache = kv_cache.write(cache, k, v, context.positions, pages)
     kv_len = min(context.kv_len or kv_cache.capacity(cache, pages), kv_cache.capacity(cache, pages))
     options = dict(scale=scale, window=window, softcap=softcap, kv_len=kv_len)
-    if q.shape[1] == 1 and context.spans is None and _native_decode_ok(q, *cache) and native.enabled():
-        out = native.cpu_or_xla(partial(_native_decode, **options), partial(_attend, **options), q, cache,
-                                pages, context.positions)
+    if q.shape[1] == 1 and context.spans is None:
+        out = _decode(q, cache, pages, context.positions, **options)
     else:
         out = _attend(q, cache, pages, context.positions, **options, spans=context.spans)
     return out, cache
 
 
+def _decode(q: Array, cache: LayerCache, pages: Array | None, positions: Array, **options: Any) -> Array:
+    """A decode step's attention: the native kernel when compiling for CPU, the Pallas kernel
+    for CUDA and ROCm, each where it takes the shapes and dtypes; XLA's ``_attend`` otherwise
+    and inside ``native.xla_only()`` (mesh steps: the kernels have no partitioning rule)."""
+    xla = partial(_attend, **options)
+    if not native.kernels_allowed():
+        return xla(q, cache, pages, positions)
+    cpu = partial(_kernel_decode, native.decode_attention, **options) if _native_decode_ok(q, *cache) else xla
+    gpu = (partial(_kernel_decode, paged_attention.paged_decode_attention, **options)
+           if paged_attention.supported(q, *cache) else None)
+    return native.cpu_or_xla(cpu, xla, q, cache, pages, positions, gpu=gpu)
+
+
 def _native_decode_ok(q: Array, k_cache: Array, v_cache: Array) -> bool:
-    return all(a.dtype == jnp.float32 for a in (q, k_cache, v_cache)) and q.shape[3] % 8 == 0
+    return (all(a.dtype == jnp.float32 for a in (q, k_cache, v_cache)) and q.shape[3] % 8 == 0
+            and native.available())
 
 
-def _native_decode(q: Array, cache: LayerCache, pages: Array | None, positions: Array, *, scale: float,
-                   window: int | None, softcap: float | None, kv_len: int) -> Array:
+def _kernel_decode(kernel: Callable[..., Array], q: Array, cache: LayerCache, pages: Array | None,
+                   positions: Array, **options: Any) -> Array:
+    """``kernel`` (``native.decode_attention``'s contract) on ``q [b, 1, H, D]`` grouped by KV head."""
     batch, _, heads, dim = q.shape
     kv_heads = cache[0].shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-    out = native.decode_attention(grouped, *cache, kv_cache.table(pages, batch), positions[:, 0], kv_len=kv_len,
-                                  window=window, scale=scale, softcap=softcap)
+    out = kernel(grouped, *cache, kv_cache.table(pages, batch), positions[:, 0], **options)
     return out.reshape(batch, 1, heads * dim)
 
 

@@ -9,14 +9,15 @@
 The sources are compiled once per machine with the system's C++ compiler against
 the XLA FFI headers that ship with jaxlib, cached under ``~/.cache/mrs/kernels``
 (keyed by the sources, jaxlib's version, the compiler and the CPU's flags), and
-registered for the CPU platform. Callers dispatch with ``lax.platform_dependent``,
-so other backends keep the XLA path. Where the kernels cannot be built (not x86-64
+registered for the CPU platform. Callers dispatch with ``cpu_or_xla`` (over
+``lax.platform_dependent``), so other backends keep the XLA path or, given one, a GPU
+kernel (``mrs.models.paged_attention``). Where the kernels cannot be built (not x86-64
 with AVX2/FMA/F16C, no compiler) or ``MRS_NATIVE_KERNELS=0`` is set, callers keep
 XLA's own ops: the same numbers to float rounding, slower at batch 1.
 
 Steps traced for a device mesh (``tensor_parallel``) trace under ``xla_only()``: the
-kernels have no SPMD partitioning rule, so the partitioner would gather every sharded
-weight onto every device before each call.
+kernels (these and the Pallas ones) have no SPMD partitioning rule, so the partitioner
+would gather every sharded weight onto every device before each call.
 """
 
 from __future__ import annotations
@@ -108,14 +109,20 @@ def available() -> bool:
     return True
 
 
+def kernels_allowed() -> bool:
+    """Whether code being traced now may call custom kernels (native or Pallas): not inside ``xla_only()``."""
+    return not getattr(_tracing, "xla_only", False)
+
+
 def enabled() -> bool:
-    """Whether code being traced now should call the kernels: built, and not inside ``xla_only()``."""
-    return not getattr(_tracing, "xla_only", False) and available()
+    """Whether code being traced now should call the native kernels: built, and allowed."""
+    return kernels_allowed() and available()
 
 
 @contextlib.contextmanager
 def xla_only() -> Iterator[None]:
-    """Trace with XLA's ops only (in this thread), e.g. for steps partitioned over a mesh."""
+    """Trace with XLA's ops only (in this thread; no native or Pallas kernels), e.g. for steps
+    partitioned over a mesh."""
     before = getattr(_tracing, "xla_only", False)
     _tracing.xla_only = True
     try:
@@ -124,16 +131,19 @@ def xla_only() -> Iterator[None]:
         _tracing.xla_only = before
 
 
-def cpu_or_xla(native: Any, xla: Any, *args: Any) -> Any:
-    """``native(*args)`` when compiling for CPU, ``xla(*args)`` for other backends.
+def cpu_or_xla(native: Any, xla: Any, *args: Any, gpu: Any = None) -> Any:
+    """``native(*args)`` when compiling for CPU, ``gpu(*args)`` (if given) for CUDA and ROCm,
+    ``xla(*args)`` for other backends.
 
     Without an accelerator every step compiles for the CPU, so only the native branch is
-    traced: ``platform_dependent`` traces and lowers both (SmolLM2's warm-up traced for
-    44.6 s with both, 25-28 s with one; the persistent cache saves compiling, not tracing).
+    traced: ``platform_dependent`` traces every branch (SmolLM2's warm-up traced for 44.6 s
+    with two, 25-28 s with one; the persistent cache saves compiling, not tracing). It
+    lowers only the branch of the platform compiled for, so a GPU kernel never meets the CPU.
     """
     if jax.default_backend() == "cpu":
         return native(*args)
-    return jax.lax.platform_dependent(*args, cpu=native, default=xla)
+    gpus = {} if gpu is None else {"cuda": gpu, "rocm": gpu}
+    return jax.lax.platform_dependent(*args, cpu=native, default=xla, **gpus)
 
 
 def qmatmul(x: jax.Array, q: Any) -> jax.Array:
