@@ -1,6 +1,7 @@
 """Continuous batching under load: SmolLM2-135M at 1, 8 and 32 concurrent requests.
 
-    python tools/bench_engine.py [--tokens 128] [--concurrency 1 8 32] [--packed] [--constrained 1 16]
+    python tools/bench_engine.py [--tokens 128] [--concurrency 1 8 32] [--packed] [--dtype bfloat16]
+                                 [--constrained 1 16]
 
 Each request generates ``--tokens`` new tokens (greedy, EOS ignored) from its own
 prompt; all requests of a level are submitted at once. Prints one table: aggregate
@@ -30,6 +31,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import jax
 import numpy as np
 
 from mrs.config.schema import GGUF, EngineConfig, ModelEntry, ModelSource
@@ -198,7 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--packed", action="store_true", help="keep GGUF tensors packed instead of float32")
+    parser.add_argument("--packed", action="store_true", help="keep GGUF tensors packed instead of expanding them")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's dtype: expanded weights, activations and the KV cache")
     parser.add_argument("--constrained", type=int, nargs="*", default=[],
                         help="rows of 16 requests of which K are constrained by a grammar")
     args = parser.parse_args()
@@ -207,7 +211,7 @@ def main() -> None:
     for model in DEMO_MODELS:
         fetch(model, models_dir())
     entry = ModelEntry(
-        model_id="smollm2", dequantize_gguf=not args.packed,
+        model_id="smollm2", dequantize_gguf=not args.packed, dtype=args.dtype,
         model=ModelSource(kind=GGUF, quantized_model_id=str(models_dir()), quantized_filename=GGUF_FILE),
     )
     checkpoint = load_checkpoint(entry)
@@ -218,7 +222,8 @@ def main() -> None:
     config = EngineConfig(max_batch=max_batch, max_seq_len=64 + args.tokens, prefill_buckets=[32, 64])
     engine = Engine(checkpoint, config).start()
     print(f"warm-up {engine.stats()['warmup_s']:.1f}s, {max_batch} slots, "
-          f"weights {'packed GGUF' if args.packed else 'float32'}")
+          f"weights {'packed GGUF' if args.packed else args.dtype}, activations and KV cache {args.dtype}, "
+          f"on {jax.devices()[0].device_kind}")
     rows = {c: asyncio.run(run_level(engine, prompts[:c], args.tokens)) for c in args.concurrency}
     grammar_rows = {k: asyncio.run(run_level(engine, prompts[:16], args.tokens, k)) for k in args.constrained}
     engine.shutdown()
