@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-buckets", type=_int_list, default=None,
                         help="comma-separated padded prompt lengths to compile, e.g. 64,256")
     parser.add_argument("--no-warmup", action="store_true", help="compile lazily instead of before serving")
+    parser.add_argument("--compile-before-serving", action="store_true",
+                        help="compile every step variant before a model reports ready (default: the largest "
+                             "ones, then the rest in the background while it serves)")
     parser.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout_s,
                         help="seconds in-flight requests get on SIGINT/SIGTERM (default %(default)s)")
     _access_options(parser)
@@ -169,7 +172,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_batch=args.max_seqs, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
         kv_tokens=args.kv_tokens, kv_memory=args.kv_memory, kv_page_size=args.kv_page_size, kv_dtype=args.kv_dtype,
         prefix_cache=not args.no_prefix_cache,
-        warmup=not args.no_warmup,
+        warmup=not args.no_warmup, compile_in_background=not args.compile_before_serving,
     )
     if args.prefill_buckets:
         engine.prefill_buckets = args.prefill_buckets

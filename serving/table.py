@@ -223,7 +223,8 @@ class ModelTable:
         return {key: stats[key] for key in MEMORY_STATS}
 
     def card(self, model_id: str) -> dict[str, Any]:
-        """The mrs fields of a model's card: status, pinned, last_used, expires_at, memory."""
+        """The mrs fields of a model's card: status, pinned, last_used, expires_at, memory, and
+        once loaded, how many of its step variants are compiled."""
         row = self._row(model_id)
         with self._lock:
             expires = None
@@ -235,6 +236,9 @@ class ModelTable:
             card["error"] = row.error
         memory = self.memory(model_id)
         card["memory"] = memory or ({"estimated_bytes": row.bytes} if row.bytes else None)
+        if row.served is not None:  # step variants compiled so far (the rest compile in the background)
+            stats = row.served.stats()
+            card["compiled"] = {"variants": stats["variants_compiled"], "total": stats["variants_total"]}
         return card
 
     @property
@@ -502,10 +506,12 @@ def _describe(entry: ModelEntry) -> str:
 def _summary(pipeline: Pipeline) -> str:
     stats = pipeline.stats()
     notes = "".join(f"; {note}" for note in pipeline.notes)  # e.g. which chat template
+    compiled, total = stats["variants_compiled"], stats["variants_total"]
+    rest = ", the rest compiling in the background" if compiled < total else ""
     return (f"arch {pipeline.config.arch}, context {pipeline.context_limit}, {stats['slots_total']} slots, "
             f"params {_size(stats['param_bytes'])}, KV cache {_size(stats['kv_cache_bytes'])} "
             f"({stats['kv_pages_total']} pages of {stats['kv_page_size']} tokens), "
-            f"warm-up {stats['warmup_s']:.1f}s{notes}")
+            f"warm-up {stats['warmup_s']:.1f}s ({compiled} of {total} step variants{rest}){notes}")
 
 
 def _size(n: int) -> str:

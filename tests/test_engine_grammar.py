@@ -36,6 +36,7 @@ REGEX = r"(yes|no)-[0-9]{3}"
 @pytest.fixture(scope="module")
 def engine():
     engine = Engine(tiny_llama()[0], CONFIG).start()
+    engine.wait_compiled(600)  # the tests count compiles
     yield engine
     engine.shutdown()
 

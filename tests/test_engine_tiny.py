@@ -30,6 +30,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def engine(tiny):
     engine = Engine(tiny[0], CONFIG).start()
+    assert engine.wait_compiled(600)  # every variant, not only the largest it serves with first
     yield engine
     engine.shutdown()
 
@@ -242,6 +243,32 @@ def test_no_recompile_after_warmup(engine) -> None:
     assert stats["tokens_generated"] > 0
 
 
+def test_serving_before_the_background_compile_runs_the_largest_variants(engine, tiny) -> None:
+    """An engine whose background compile has not run yet serves every kind of request in
+    the largest variants (compiled before it reports ready), compiles nothing on the way,
+    and answers as the fully compiled engine does."""
+    early = Engine(tiny[0], CONFIG)
+    early._compiler.stop()  # as if the background compile had not reached any other variant
+    early.start()
+    try:
+        stats = early.stats()
+        assert stats["variants_compiled"] == 3 < stats["variants_total"] == engine.stats()["variants_total"]
+        assert engine.stats()["variants_compiled"] == engine.stats()["variants_total"]
+        before = dict(early._steps.traces)
+        for n in (4, 17, 65, 120):  # one chunk of every bucket, and chunked
+            sampling = dict(temperature=0.0, max_tokens=4, logprobs=True, prompt_logprobs=1 if n == 17 else None)
+            got, want = run(early, prompt(n, seed=n), **sampling), run(engine, prompt(n, seed=n), **sampling)
+            assert got[0] == want[0]
+            np.testing.assert_allclose([d.logprobs[0].logprob for d in got[1]],
+                                       [d.logprobs[0].logprob for d in want[1]], atol=1e-4)
+        requests = [GenerationRequest(prompt(n, seed=n), SamplingParams(temperature=0.8, seed=n, max_tokens=6))
+                    for n in (3, 9, 30, 50, 70)]
+        assert run_many(early, requests) == run_many(engine, requests)
+        assert dict(early._steps.traces) == before
+    finally:
+        early.shutdown()
+
+
 def test_memory_measured_from_device_arrays(engine, tiny) -> None:
     stats, config = engine.stats(), tiny[0].config
     assert stats["param_bytes"] == param_bytes(tiny[0].params) > 0
@@ -329,9 +356,10 @@ def test_warm_up_logs_its_progress(tiny, caplog) -> None:
     """Minutes of compiling on a slow machine must not be silent: the last progress line
     counts every step variant (the insert step is compiled before them)."""
     checkpoint = tiny[0]
-    with caplog.at_level("INFO", logger="mrs.engine.engine"):
+    with caplog.at_level("INFO", logger="mrs.engine"):
         small = Engine.from_parts(checkpoint.config, checkpoint.params, checkpoint.tokenizer, checkpoint.eos_token_ids,
                                   EngineConfig(max_batch=2, max_seq_len=64, prefill_buckets=[16])).start()
+        small.wait_compiled(600)  # the last line comes from the background compile
     small.shutdown()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up of in-memory parameters")]
     variants = small.stats()["compiles"] - 1

@@ -224,6 +224,7 @@ def test_cached_prefixes_and_short_continuations_compile_nothing_after_warm_up(t
     engine = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], warmup=True)
     plain = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], prefix_cache=False)
     try:
+        assert engine.wait_compiled(600)
         before = dict(engine._steps.traces)
         base = prompt(100, seed=11)
         for ids in (base[:50], base[:60] + [1, 2], base + [3], base[:9] + prompt(90, seed=12), prompt(70, seed=13)):

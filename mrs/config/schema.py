@@ -61,7 +61,10 @@ class EngineConfig:
     prefix_cache: bool = True  # prompts that start like an earlier one reuse its KV pages
     max_queue: int = 256  # waiting requests before submit raises Overloaded
     prefill_buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    warmup: bool = True  # compile every bucket before reporting ready
+    warmup: bool = True  # compile the step variants ahead of use (else each compiles when first run)
+    # Report ready once the largest variants compile and compile the rest while serving
+    # (mrs.engine.compiler); false: compile every variant before reporting ready.
+    compile_in_background: bool = True
 
 
 @dataclass

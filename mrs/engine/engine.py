@@ -37,6 +37,7 @@ import numpy as np
 
 from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
+from mrs.engine.compiler import StepCompiler, Variant, variant_key
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.grammar import GrammarEngine
 from mrs.engine.image_plan import check_images, chunk_injection, chunk_plan
@@ -56,7 +57,6 @@ from mrs.models.layers import Injected
 from mrs.quant.memory import cache_bytes, param_bytes
 
 log = logging.getLogger(__name__)
-WARMUP_LOG_SECONDS = 10.0  # at most one progress line per this many seconds of warm-up
 
 
 @dataclass
@@ -98,6 +98,7 @@ class Engine:
         self._batch_buckets = batch_buckets(self.max_batch)
         self._steps = build_steps(model_config, self.max_batch, self._kv, checkpoint.placement)
         self._params = self._steps.place_params(checkpoint.params)
+        self._compiler = StepCompiler(self._steps, self._params, checkpoint.source)
         # Measured once: the parameters never change, and walking their ~500 device
         # buffers took ~6 ms per stats() call (the status endpoint, load-test pollers).
         self._param_bytes = param_bytes(self._params) + (param_bytes(self._vision_params) if self._vision else 0)
@@ -137,7 +138,8 @@ class Engine:
     # ---- public API -------------------------------------------------------------------
 
     def start(self, wait: bool = True) -> "Engine":
-        """Start the engine thread; with ``wait``, return once every bucket is compiled."""
+        """Start the engine thread; with ``wait``, return once it serves: every bucket is
+        compiled, or with ``compile_in_background`` the largest ones (see ``wait_compiled``)."""
         if self._thread is None:
             enable_persistent_cache()
             self._thread = threading.Thread(target=self._run, name="mrs-engine", daemon=True)
@@ -147,6 +149,11 @@ class Engine:
             if self._fatal is not None:
                 raise ModelUnavailable(f"engine failed to start: {self._fatal}") from self._fatal
         return self
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until the warm-up has compiled every step variant; whether it has."""
+        self._ready.wait(timeout)
+        return self._compiler.wait(timeout)
 
     @property
     def ready(self) -> bool:
@@ -200,6 +207,9 @@ class Engine:
             "decode_steps": self._steps_run,
             "step_time_ms": 1000 * self._step_seconds,
             "warmup_s": self._warmup_seconds,
+            "compile_s": self._compiler.seconds,
+            "variants_compiled": self._compiler.compiled,
+            "variants_total": self._compiler.total,
             "compiles": sum(self._steps.traces.values()) + (sum(self._encode.traces.values()) if self._encode else 0),
             "grammar_host_s": self._grammar_seconds,
             "param_bytes": self._param_bytes,
@@ -214,6 +224,7 @@ class Engine:
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the thread; requests still in flight finish with reason ``cancelled``."""
         self._scheduler.close()
+        self._compiler.stop()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -265,7 +276,8 @@ class Engine:
         self._close()
 
     def _warmup(self) -> None:
-        """Compile every prefill bucket, chunk continuation and decode kv bucket, logging progress."""
+        """Compile the step variants: the largest of each kind before the engine reports ready,
+        the rest in the background if ``compile_in_background`` (``mrs.engine.compiler``)."""
         begin = time.perf_counter()
         row = host_row(
             self.checkpoint.config.vocab_size, temperature=1.0, top_k=2, top_p=0.9, min_p=0.0,
@@ -274,51 +286,56 @@ class Engine:
         self._state = self._steps.insert(self._state, np.int32(0), row)
         self._pages.reserve(0, self.context_limit)  # real pages: staged placements run their variants
         self._pages.grow(0, self.context_limit)
-        mask = self._all_allowed[0]
-        chunk = self._prefill_buckets[-1]
-        starts = self._continuations(chunk)
-        active = np.zeros(self.max_batch, bool)
-        active[0] = True
-        variants: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # (step, arguments, keyword arguments)
-        for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
-            variants += [("prefill", *self._prefill_inputs(0, [0], 0, length, True, mask, targets))
-                         for length in self._prefill_buckets]
-            variants += [("prefill", *self._prefill_inputs(0, [0], start, chunk, True, mask, targets))
-                         for start in starts]
-        if self._short_chunk is not None:
-            variants += [("prefill", *self._prefill_inputs(0, [0], start, self._short_chunk, True, mask, None))
-                         for start in self._continuations(self._short_chunk)]
-        variants += [("decode", (active, self._unconstrained, self._pages.tables.copy()),
-                      {"kv_len": kv_len, "rows": rows})
-                     for kv_len in self._kv_buckets for rows in self._batch_buckets]
         if self._encode is not None:
             self._encode.warm(self._vision_params)
-            variants += self._image_variants(starts, mask)
-        logged = begin
-        for done, (step, args, kwargs) in enumerate(variants, 1):
-            self._state = self._steps.warm(step, self._params, self._state, *args, **kwargs)
-            now = time.perf_counter()
-            if now - logged >= WARMUP_LOG_SECONDS or done == len(variants):  # a sign of life while it compiles
-                log.info("warm-up of %s: %d/%d step variants compiled (%.1f s)", self.checkpoint.source, done,
-                         len(variants), now - begin)
-                logged = now
+        largest, rest = self._variants()
+        if not self.config.compile_in_background:
+            largest, rest = largest + rest, []
+        self._state = self._compiler.compile(self._state, largest, rest)
         jax.block_until_ready(self._state)
         self._state = self._steps.init_state()
         self._pages.release(0)
         self._warmup_seconds = time.perf_counter() - begin
 
-    def _image_variants(self, starts: Any, mask: np.ndarray) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
-        """Prefill with an image in the chunk: each first-chunk bucket that holds one, each continuation."""
-        spec, chunk = self._vision.spec, self._prefill_buckets[-1]
+    def _variants(self) -> tuple[list[Variant], list[Variant]]:
+        """Every step variant the engine may run: those that can serve any request (each kind
+        at the largest chunk, attention length and batch), then the rest, smallest first."""
+        mask, top_kv = self._all_allowed[0], self._kv_buckets[-1]
+        chunk = self._prefill_buckets[-1]
+        starts = self._continuations(chunk)
+        active = np.zeros(self.max_batch, bool)
+        active[0] = True
+        decode = [("decode", (active, self._unconstrained, self._pages.tables.copy()), {"kv_len": kv_len, "rows": rows})
+                  for rows in self._batch_buckets for kv_len in self._kv_buckets]
+        largest = [decode.pop()]
+        rest: list[Variant] = decode
+        for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
+            largest.append(("prefill", *self._prefill_inputs(0, [0], 0, chunk, True, mask, targets, kv_len=top_kv)))
+            rest += [("prefill", *self._prefill_inputs(0, [0], 0, length, True, mask, targets))
+                     for length in self._prefill_buckets]
+            rest += [("prefill", *self._prefill_inputs(0, [0], start, chunk, True, mask, targets)) for start in starts]
+        if self._short_chunk is not None:
+            rest += [("prefill", *self._prefill_inputs(0, [0], start, self._short_chunk, True, mask, None))
+                     for start in self._continuations(self._short_chunk)]
+        if self._encode is not None:  # each first-chunk bucket that holds an image, each continuation
+            largest.append(self._image_variant(0, chunk, mask, kv_len=top_kv))
+            rest += [self._image_variant(0, length, mask) for length in self._prefill_buckets
+                     if length >= self._vision.spec.tokens_per_image]
+            rest += [self._image_variant(start, chunk, mask) for start in starts]
+        return largest, [v for v in rest if not self._variant_in(v, largest)]
+
+    @staticmethod
+    def _variant_in(variant: Variant, variants: list[Variant]) -> bool:
+        key = variant_key(*variant)
+        return any(variant_key(*v) == key for v in variants)
+
+    def _image_variant(self, start: int, length: int, mask: np.ndarray, kv_len: int | None = None) -> Variant:
+        """A prefill with an image in the chunk ``[start, start + length)``."""
+        spec = self._vision.spec
         features = np.zeros((1, spec.tokens_per_image, self.checkpoint.config.hidden_size), np.float32)
-        placed = [(length, 0) for length in self._prefill_buckets if length >= spec.tokens_per_image]
-        placed += [(chunk, start) for start in starts]
-        variants = []
-        for length, start in placed:
-            injected = chunk_injection(features, [(start, start + spec.tokens_per_image)], start,
-                                       start + spec.tokens_per_image, length, spec.bidirectional)
-            variants.append(("prefill", *self._prefill_inputs(0, [0], start, length, True, mask, None, injected)))
-        return variants
+        injected = chunk_injection(features, [(start, start + spec.tokens_per_image)], start,
+                                   start + spec.tokens_per_image, length, spec.bidirectional)
+        return ("prefill", *self._prefill_inputs(0, [0], start, length, True, mask, None, injected, kv_len=kv_len))
 
     def _continuations(self, length: int) -> list[int]:
         """One start for each attention length a continuation chunk of ``length`` can have: it
@@ -329,6 +346,29 @@ class Engine:
 
     def _chunk_kv_len(self, start: int, length: int) -> int:
         return bucket_for(start + length, self._kv_buckets)
+
+    def _prefill_kv_len(self, start: int, length: int) -> int:
+        return length if start == 0 else self._chunk_kv_len(start, length)
+
+    def _compiled(self, key: tuple[Any, ...]) -> bool:
+        """Whether a step variant may run now: compiled by the warm-up (without one, every
+        variant compiles when first run)."""
+        return not self.config.warmup or self._compiler.ready(key)
+
+    def _prefill_shape(self, start: int, length: int, scored: bool, image: bool) -> tuple[int, int]:
+        """The chunk length and attention length a chunk padded to ``length`` runs with: its
+        own, or while the background compile has not reached it, the largest (compiled first)."""
+        kv_len = self._prefill_kv_len(start, length)
+        if self._compiled(("prefill", length, kv_len, scored, image)):
+            return length, kv_len
+        return self._prefill_buckets[-1], self._kv_buckets[-1]
+
+    def _decode_shape(self, longest: int, rows: int) -> tuple[int, int]:
+        """The attention length and batch rows of a decode step for these sequences: the
+        smallest compiled buckets that hold them (the largest are compiled first)."""
+        kv_len, rows = bucket_for(longest, self._kv_buckets), bucket_for(rows, self._batch_buckets)
+        return next((k, r) for r in self._batch_buckets if r >= rows for k in self._kv_buckets
+                    if k >= kv_len and self._compiled(("decode", k, r)))
 
     def _chunk_length(self, start: int, tokens: int, plain: bool) -> int:
         """The padded length of a prompt chunk of ``tokens`` tokens at ``start``: the first
@@ -341,20 +381,21 @@ class Engine:
         return self._prefill_buckets[-1]
 
     def _prefill_chunk(self, slot: int, chunk: list[int], start: int, length: int, final: bool,
-                       mask: np.ndarray, targets: list[int] | None = None, injected: Injected | None = None,
+                       mask: np.ndarray, targets: list[int] | None, injected: Injected | None, kv_len: int,
                        ) -> SampleOut:
         """One prompt chunk; with ``targets`` (each position's next prompt token) it is scored too."""
-        args, kwargs = self._prefill_inputs(slot, chunk, start, length, final, mask, targets, injected)
+        args, kwargs = self._prefill_inputs(slot, chunk, start, length, final, mask, targets, injected, kv_len)
         self._state, out = self._steps.prefill(self._params, self._state, *args, **kwargs)
         return out
 
     def _prefill_inputs(self, slot: int, chunk: list[int], start: int, length: int, final: bool, mask: np.ndarray,
-                        targets: list[int] | None, injected: Injected | None = None,
+                        targets: list[int] | None, injected: Injected | None = None, kv_len: int | None = None,
                         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The prefill step's arguments after the parameters and state, and its keyword arguments."""
+        """The prefill step's arguments after the parameters and state, and its keyword arguments
+        (attending over ``kv_len`` rows: by default the chunk's own bucket)."""
         tokens = np.zeros(length, np.int32)
         tokens[: len(chunk)] = chunk
-        kv_len = length if start == 0 else self._chunk_kv_len(start, length)
+        kv_len = kv_len or self._prefill_kv_len(start, length)
         scored = {} if targets is None else {"targets": np.pad(np.asarray(targets, np.int32), (0, length - len(targets))),
                                              "score": True}
         images = {} if injected is None else {"injected": injected}
@@ -394,10 +435,11 @@ class Engine:
         for start, stop in chunk_plan(len(ids), chunk_size, spans, seq.cached):
             chunk = ids[start:stop]
             length = self._chunk_length(start, len(chunk), plain=not scoring and features is None)
+            length, kv_len = self._prefill_shape(start, length, scoring, features is not None)
             targets = ids[start + 1 : stop + 1] if scoring else None
             injected = None if features is None else chunk_injection(
                 features, spans, start, stop, length, self._vision.spec.bidirectional)
-            out = self._prefill_chunk(slot, chunk, start, length, stop == len(ids), mask, targets, injected)
+            out = self._prefill_chunk(slot, chunk, start, length, stop == len(ids), mask, targets, injected, kv_len)
             if scoring:
                 scores.append((start, jax.device_get(out.prompt)))
         if scoring:
@@ -461,8 +503,7 @@ class Engine:
         if plan is None:
             return None
         started = time.perf_counter()
-        kv_len = bucket_for(plan.longest, self._kv_buckets)
-        rows = bucket_for(plan.rows, self._batch_buckets)  # slots fill lowest first
+        kv_len, rows = self._decode_shape(plan.longest, plan.rows)  # slots fill lowest first
         mask = self._masks(plan.constrained, self.max_batch) if plan.constrained else self._unconstrained
         pages = self._pages.tables.copy()  # a fresh array: see _masks
         self._state, out = self._steps.decode(self._params, self._state, plan.active, mask, pages, kv_len=kv_len,

@@ -106,6 +106,8 @@ class Steps:
     of the tokens.
     """
 
+    compiles_without_running = True  # ``warm`` lowers from shapes: any thread may call it
+
     def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, stage: Stage = None) -> None:
         self.config = config
         self.max_batch = max_batch
