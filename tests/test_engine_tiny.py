@@ -236,7 +236,7 @@ def test_no_recompile_after_warmup(engine) -> None:
     for n in (4, 15, 16, 17, 63, 64, 65, 127):  # new lengths in every known bucket, and chunked
         run(engine, prompt(n, seed=n), temperature=0.7, top_k=3, seed=n, max_tokens=1 if n == 127 else 3,
             presence_penalty=0.5, logit_bias={5: 2.0}, logprobs=True, top_logprobs=2,
-            prompt_logprobs=1 if n in (17, 65) else None)  # the scoring prefill is warmed up too
+            prompt_logprobs=1 if n in (17, 65) else None)  # scoring runs in its largest prefill, warmed up too
     assert dict(engine._steps.traces) == before
     assert compiled == []
     stats = engine.stats()

@@ -3,7 +3,8 @@
     python tools/bench_warmup.py [--cold-cache]
 
 Loads each demo model (default engine config), starts an engine and times its warm-up
-(every step variant compiled before it serves), with JAX's own duration events summed
+(every step variant compiled before it serves: ``compile_in_background=False``; the
+default serves after the largest, see ``tools/bench_startup.py``), with JAX's own duration events summed
 per phase. By default the user's persistent compilation cache is used (a restart or a
 reload); ``--cold-cache`` points it at an empty directory (a first start). Prints one table.
 """
@@ -50,7 +51,7 @@ def main() -> int:
         checkpoint = load_checkpoint(entry)
         totals.clear()
         begin = time.perf_counter()
-        engine = Engine(checkpoint, EngineConfig()).start()
+        engine = Engine(checkpoint, EngineConfig(compile_in_background=False)).start()
         stats = engine.stats()
         rows.append((model_id, time.perf_counter() - begin, stats["compiles"], {PHASES[k]: totals[k] for k in PHASES}))
         engine.shutdown()

@@ -298,8 +298,8 @@ class Engine:
         self._warmup_seconds = time.perf_counter() - begin
 
     def _variants(self) -> tuple[list[Variant], list[Variant]]:
-        """Every step variant the engine may run: those that can serve any request (each kind
-        at the largest chunk, attention length and batch), then the rest, smallest first."""
+        """The step variants to compile: those that can serve any request (each kind at the
+        largest chunk, attention length and batch), then the rest, smallest first."""
         mask, top_kv = self._all_allowed[0], self._kv_buckets[-1]
         chunk = self._prefill_buckets[-1]
         starts = self._continuations(chunk)
@@ -309,11 +309,14 @@ class Engine:
                   for rows in self._batch_buckets for kv_len in self._kv_buckets]
         largest = [decode.pop()]
         rest: list[Variant] = decode
-        for targets in (None, [0]):  # plain prefill, and the variant that scores the prompt
+        # Plain prefill, and the one that scores the prompt: rare (echo, prompt_logprobs), so
+        # only its largest variant is compiled (each compiled variant costs start-up time and tens
+        # of MiB of memory).
+        for targets in (None, [0]):
             largest.append(("prefill", *self._prefill_inputs(0, [0], 0, chunk, True, mask, targets, kv_len=top_kv)))
-            rest += [("prefill", *self._prefill_inputs(0, [0], 0, length, True, mask, targets))
-                     for length in self._prefill_buckets]
-            rest += [("prefill", *self._prefill_inputs(0, [0], start, chunk, True, mask, targets)) for start in starts]
+        rest += [("prefill", *self._prefill_inputs(0, [0], 0, length, True, mask, None))
+                 for length in self._prefill_buckets]
+        rest += [("prefill", *self._prefill_inputs(0, [0], start, chunk, True, mask, None)) for start in starts]
         if self._short_chunk is not None:
             rest += [("prefill", *self._prefill_inputs(0, [0], start, self._short_chunk, True, mask, None))
                      for start in self._continuations(self._short_chunk)]
