@@ -52,6 +52,7 @@ def idle_memory(kv_tokens: int, log: Path) -> dict:
     command = [str(BIN / "mrs"), "serve", *QUICKSTART, f"server.port={port}", f"engine.kv_tokens={kv_tokens}"]
     with running(command, port, log) as proc:
         _all_loaded(proc.url)
+        proc.all_compiled_s()  # idle: the background compile done too
         time.sleep(5)  # let the loads' transient buffers go
         models = [m["id"] for m in httpx.get(f"{proc.url}/v1/models").json()["data"]]
         memory = {m: httpx.post(f"{proc.url}/v1/models/status", json={"model_id": m}).json()["memory"] for m in models}
@@ -87,6 +88,7 @@ def shared_prefix(cache: bool, args: argparse.Namespace, log: Path) -> dict:
                "gguf", "-m", str(models_dir()), "-f", "SmolLM2-135M-Instruct.Q4_1.gguf"]
     second, cached, prompt = [], [], 0
     with running(command, port, log) as proc:
+        proc.all_compiled_s()  # TTFT in the steady state, not in the background compile's padded variants
         for trial in range(args.trials):
             system = _system_prompt(trial, args.prefix_tokens)
             _ttft(proc.url, system, "What is the first word of the notes?")

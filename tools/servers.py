@@ -25,6 +25,19 @@ class Running:
     url: str
     ready_s: float  # from starting the process to the first 200 from /health
     pid: int
+    started: float  # time.perf_counter() when the process started
+
+    def all_compiled_s(self, timeout_s: float = 1800) -> float:
+        """Wait until every model of this mrs server has compiled all its step variants (they
+        compile in the background after ready); seconds from the process start."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            cards = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"]
+            if all(c.get("compiled") and c["compiled"]["variants"] == c["compiled"]["total"] for c in cards):
+                return time.perf_counter() - self.started
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"step variants not compiled after {timeout_s:.0f} s")
+            time.sleep(0.2)
 
 
 def rss_mib(pid: int) -> float:
@@ -55,7 +68,7 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{command[0]} not healthy after {timeout_s:.0f} s")
             time.sleep(0.2)
-        yield Running(url, time.perf_counter() - begin, proc.pid)
+        yield Running(url, time.perf_counter() - begin, proc.pid, begin)
     except BaseException:
         print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]),
               file=sys.stderr)
