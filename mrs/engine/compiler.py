@@ -13,9 +13,11 @@ everything before the engine reports ready.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -24,6 +26,28 @@ log = logging.getLogger(__name__)
 
 PROGRESS_LOG_SECONDS = 10.0  # at most one progress line per this many seconds of compiling
 Variant = tuple[str, tuple[Any, ...], dict[str, Any]]  # (step, its arguments after params and state, keywords)
+
+
+_compiling: weakref.WeakSet[StepCompiler] = weakref.WeakSet()  # those with a background thread
+_exit_hook_registered = False
+
+
+def _stop_at_exit() -> None:
+    """Stop every background compile and wait for the variant in flight: one still compiling
+    when the interpreter tears XLA down aborts the process (a one-shot ``mrs generate``)."""
+    for compiler in list(_compiling):
+        compiler.stop()
+    for compiler in list(_compiling):
+        compiler.wait()
+
+
+def _register_exit_hook() -> None:
+    # Registered once JAX's backend exists: atexit runs last-registered first, so this runs
+    # before JAX's own clean-up.
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_stop_at_exit)
+        _exit_hook_registered = True
 
 
 def variant_key(step: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -75,6 +99,8 @@ class StepCompiler:
         begin = time.perf_counter()
         state = self._compile_all(state, foreground, begin, threading.Event())
         if background and not self._stopping.is_set():
+            _register_exit_hook()
+            _compiling.add(self)
             self._finished.clear()
             spec = jax.tree.map(_spec, state)
             self._thread = threading.Thread(target=self._background, args=(spec, background), daemon=True,
