@@ -91,6 +91,17 @@ class Server:
             time.sleep(1.0)
         raise TimeoutError(f"models not loaded after {timeout}s: {statuses}\n{self.output()[-4000:]}")
 
+    def wait_all_compiled(self, timeout: float = 900.0) -> None:
+        """Until every model has compiled all its step variants (the background compile after
+        ready), for tests that time requests."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cards = httpx.get(f"{self.url}/v1/models", timeout=5, verify=self.verify).json()["data"]
+            if all(c.get("compiled") and c["compiled"]["variants"] == c["compiled"]["total"] for c in cards):
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"step variants not compiled after {timeout}s\n{self.output()[-4000:]}")
+
     def stop(self, timeout: float = 120.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -247,6 +247,7 @@ def timeout_server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path)
     srv = start([str(BIN / "mrs-server"), *SMALL_ENGINE, "--request-timeout", str(TIMEOUT_S),
                  "gguf", "-m", str(smollm2_gguf.parent), "-f", smollm2_gguf.name], tmp / "server.log", jax_cache_env())
     srv.wait_ready()
+    srv.wait_all_compiled()  # the tests time generations: not while compiling in the background
     yield srv
     srv.stop()
 
