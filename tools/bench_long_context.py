@@ -29,9 +29,24 @@ BIN = Path(sys.executable).parent
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _prompt(tokens: int) -> str:
-    """Numbered lines of a few tokens each, about ``tokens`` tokens in all (SmolLM2's tokenizer)."""
-    return "\n".join(f"line {i}: the river runs past stone {i % 97}" for i in range(tokens // 13)) + "\nline 0:"
+def _prompt(lines: int) -> str:
+    return "\n".join(f"line {i}: the river runs past stone {i % 97}" for i in range(lines)) + "\nline 0:"
+
+
+def _count(url: str, model: str, prompt: str) -> tuple[int, int]:
+    """The prompt's tokens and the model's context, from the server's tokenizer."""
+    reply = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": prompt}).json()
+    return reply["count"], reply["max_model_len"]
+
+
+def _sized_prompt(url: str, model: str, tokens: int) -> str:
+    """Numbered lines, as many as make at most ``tokens`` tokens."""
+    lines = tokens // 10
+    count, _ = _count(url, model, _prompt(lines))
+    lines = lines * tokens // count
+    while _count(url, model, _prompt(lines))[0] > tokens:
+        lines -= 10
+    return _prompt(lines)
 
 
 def main() -> int:
@@ -45,13 +60,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, running(command, port, Path(tmp) / "server.log") as proc:
         model = httpx.get(f"{proc.url}/v1/models").json()["data"][0]["id"]
         memory = httpx.post(f"{proc.url}/v1/models/status", json={"model_id": model}).json()["memory"]
-        prompt = _prompt(args.prompt_tokens)
-        context = httpx.post(f"{proc.url}/tokenize", json={"model": model, "prompt": prompt}).json()["max_model_len"]
+        prompt = _sized_prompt(proc.url, model, args.prompt_tokens)
+        _, context = _count(proc.url, model, prompt)
         body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0.0,
                 "stream": True, "stream_options": {"include_usage": True}}
         begin, first, usage, text = time.perf_counter(), None, None, ""
         with httpx.stream("POST", f"{proc.url}/v1/completions", json=body, timeout=1800) as reply:
-            reply.raise_for_status()
+            if reply.status_code != 200:
+                raise RuntimeError(f"{reply.status_code}: {reply.read().decode()}")
             for line in reply.iter_lines():
                 if not line.startswith("data: {"):
                     continue
