@@ -108,6 +108,11 @@ class Pipeline:
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until every step variant is compiled (``load`` returns once the largest are and
+        compiles the rest in the background); whether they are. See ``Engine.wait_compiled``."""
+        return self.engine.wait_compiled(timeout)
+
     @property
     def context_limit(self) -> int:
         return self.engine.context_limit

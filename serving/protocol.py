@@ -317,5 +317,6 @@ def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any
 
 
 def model_card(model_id: str, created: int, state: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's model object plus mrs's state fields (status, pinned, last_used, expires_at, memory)."""
+    """OpenAI's model object plus mrs's state fields (status, pinned, last_used, expires_at, memory,
+    and once loaded the step variants compiled)."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": "local", **state}

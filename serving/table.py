@@ -236,8 +236,9 @@ class ModelTable:
             card["error"] = row.error
         memory = self.memory(model_id)
         card["memory"] = memory or ({"estimated_bytes": row.bytes} if row.bytes else None)
-        if row.served is not None:  # step variants compiled so far (the rest compile in the background)
-            stats = row.served.stats()
+        served = row.served  # read once: an unload may clear it meanwhile
+        if served is not None:  # step variants compiled so far (the rest compile in the background)
+            stats = served.stats()
             card["compiled"] = {"variants": stats["variants_compiled"], "total": stats["variants_total"]}
         return card
 

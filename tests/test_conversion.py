@@ -96,9 +96,11 @@ def lowerings() -> Iterator[list[str]]:
 def test_the_engine_serves_a_conversion_without_compiling_again(q4_conversion: Path) -> None:
     """Restored parameters sit on the device as loaded ones do (committed ones would give the
     warmed-up steps a new input signature, and requests would wait for compiles)."""
-    with mrs.load(plain(q4_conversion), TINY_ENGINE_CONFIG) as pipe, lowerings() as seen:
-        for _ in range(3):
-            assert len(pipe.generate(PROMPTS[0], max_tokens=8, ignore_eos=True).token_ids) == 8
+    with mrs.load(plain(q4_conversion), TINY_ENGINE_CONFIG) as pipe:
+        assert pipe.wait_compiled(600)  # the background compile lowers too
+        with lowerings() as seen:
+            for _ in range(3):
+                assert len(pipe.generate(PROMPTS[0], max_tokens=8, ignore_eos=True).token_ids) == 8
         assert seen == []
         assert pipe.engine.stats()["param_bytes"] == param_bytes(pipe.checkpoint.params)
 

@@ -219,7 +219,8 @@ def main() -> None:
     texts = [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(max(args.concurrency))]
     prompts = [tok.encode(t) for t in texts]
     max_batch = max(args.concurrency)
-    config = EngineConfig(max_batch=max_batch, max_seq_len=64 + args.tokens, prefill_buckets=[32, 64])
+    config = EngineConfig(max_batch=max_batch, max_seq_len=64 + args.tokens, prefill_buckets=[32, 64],
+                          compile_in_background=False)  # steady-state figures: everything compiled first
     engine = Engine(checkpoint, config).start()
     print(f"warm-up {engine.stats()['warmup_s']:.1f}s, {max_batch} slots, "
           f"weights {'packed GGUF' if args.packed else args.dtype}, activations and KV cache {args.dtype}, "

@@ -120,7 +120,8 @@ def messages(case: Case) -> list[dict]:
 def bench_mrs(case: Case, path: Path, tokens: int, runs: int) -> dict[str, float]:
     entry = ModelEntry(model_id="vlm", model=ModelSource(kind=VISION_PLAIN, model_id=str(path)))
     checkpoint = load_checkpoint(entry)
-    engine = Engine(checkpoint, EngineConfig(max_batch=1, max_seq_len=256, prefill_buckets=[64, 128])).start()
+    engine = Engine(checkpoint, EngineConfig(max_batch=1, max_seq_len=256, prefill_buckets=[64, 128],
+                                                  compile_in_background=False)).start()
     pipe = Pipeline(entry, checkpoint, engine)
     best: dict[str, float] = {}
     for _ in range(runs):

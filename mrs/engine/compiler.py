@@ -36,9 +36,7 @@ def _stop_at_exit() -> None:
     """Stop every background compile and wait for the variant in flight: one still compiling
     when the interpreter tears XLA down aborts the process (a one-shot ``mrs generate``)."""
     for compiler in list(_compiling):
-        compiler.stop()
-    for compiler in list(_compiling):
-        compiler.wait()
+        compiler.stop(timeout=None)
 
 
 def _register_exit_hook() -> None:
@@ -99,22 +97,26 @@ class StepCompiler:
         begin = time.perf_counter()
         state = self._compile_all(state, foreground, begin, threading.Event())
         if background and not self._stopping.is_set():
-            _register_exit_hook()
-            _compiling.add(self)
-            self._finished.clear()
             spec = jax.tree.map(_spec, state)
-            self._thread = threading.Thread(target=self._background, args=(spec, background), daemon=True,
-                                            name="mrs-compile")
-            self._thread.start()
+            thread = threading.Thread(target=self._background, args=(spec, background), daemon=True,
+                                      name="mrs-compile")
+            _register_exit_hook()
+            self._finished.clear()
+            thread.start()
+            self._thread = thread
+            _compiling.add(self)
         return state
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every variant is compiled (or the compiler stopped); whether it finished."""
-        return self._finished.wait(timeout)
+        """Wait until the background compile ends; whether every variant is compiled."""
+        return self._finished.wait(timeout) and self.compiled == self.total
 
-    def stop(self) -> None:
-        """Compile nothing more in the background (the variant being compiled finishes)."""
+    def stop(self, timeout: float | None = 0.0) -> None:
+        """Compile nothing more in the background; wait up to ``timeout`` seconds (None: as
+        long as it takes) for the variant being compiled."""
         self._stopping.set()
+        if not self._finished.wait(timeout):
+            log.info("%s: a step variant is still compiling; it stops after this one", self._source)
 
     def _background(self, spec: Any, variants: list[Variant]) -> None:
         try:

@@ -151,9 +151,11 @@ class Engine:
         return self
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Wait until the warm-up has compiled every step variant; whether it has."""
-        self._ready.wait(timeout)
-        return self._compiler.wait(timeout)
+        """Wait (at most ``timeout`` seconds) until the warm-up has compiled every step variant,
+        in the background too; whether it has (false if the warm-up failed or stopped)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+        return self._ready.wait(left()) and self._fatal is None and self._compiler.wait(left())
 
     @property
     def ready(self) -> bool:
@@ -224,7 +226,7 @@ class Engine:
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the thread; requests still in flight finish with reason ``cancelled``."""
         self._scheduler.close()
-        self._compiler.stop()
+        self._compiler.stop(timeout)  # let no compile of this engine outlive it
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
