@@ -226,7 +226,8 @@ class Engine:
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the thread; requests still in flight finish with reason ``cancelled``."""
         self._scheduler.close()
-        self._compiler.stop(timeout)  # let no compile of this engine outlive it
+        # Without waiting: an unload must not block on a compile; the variant in flight ends alone.
+        self._compiler.stop()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
