@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
+from mrs.compile_cache import release_lowered_modules
 from mrs.engine.sampling import SampleOut, SlotSampling
 from mrs.engine.steps import DecodeState, Steps, chunk_positions, decode_inputs
 from mrs.models.config import ModelConfig
@@ -119,6 +120,7 @@ class StagedSteps:
         """Compile ``step`` by running it: each stage's inputs are the previous stage's outputs
         on another device, so there is no one call to lower. Returns the state it leaves."""
         state, _ = getattr(self, step)(params, state, *args, **kwargs)
+        release_lowered_modules()  # it ran: jit's dispatch cache keeps its executables
         return state
 
     def place_params(self, params: dict) -> list[dict]:

@@ -13,12 +13,13 @@ decode, the slot's row for prefill; the host's ``mrs.engine.kv_pages`` fills the
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrs.engine.executables import CompiledStep
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample, score_tokens
 from mrs.models.config import ModelConfig
 from mrs.models.kv_cache import KVCache, KVGeometry, Stage, init_cache
@@ -97,6 +98,11 @@ def set_row(tree: Any, slot: Array, row: Any) -> Any:
     )
 
 
+def _step(fn: Callable[..., Any], static: tuple[str, ...]) -> CompiledStep:
+    """A step ``(params, state, ...) -> (state, ...)`` that donates its state."""
+    return CompiledStep(jax.jit(fn, donate_argnums=(1,), static_argnames=static), fixed=2, static=frozenset(static))
+
+
 class Steps:
     """Owns the model and the compiled step functions for one engine.
 
@@ -117,8 +123,8 @@ class Steps:
         # Incremented while tracing: a compile counter for tests and stats.
         self.traces: Counter[str] = Counter()
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
-        self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("kv_len", "score"))
-        self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("kv_len", "rows"))
+        self.prefill = _step(self._prefill, ("kv_len", "score"))
+        self.decode = _step(self._decode, ("kv_len", "rows"))
 
     def init_state(self) -> DecodeState:
         b, v = self.max_batch, self.config.vocab_size
@@ -137,7 +143,7 @@ class Steps:
         a later call with arguments of the same types and placement reuses the executable
         (running every variant would push some 2,000 dummy prompt tokens through the model).
         Returns ``state``, untouched."""
-        getattr(self, step).lower(params, state, *args, **kwargs).compile()
+        getattr(self, step).compile(params, state, *args, **kwargs)
         return state
 
     def place_params(self, params: Any) -> Any:
@@ -256,7 +262,7 @@ class EncodeImages:
         self.buckets = image_buckets(spec.max_images)
         self.encoder = build_encoder(spec)
         self.traces: Counter[str] = Counter()
-        self._step = jax.jit(self._encode)
+        self._step = CompiledStep(jax.jit(self._encode), fixed=1, static=frozenset())
 
     def _encode(self, params: Any, pixels: Array) -> Array:
         self.traces[f"encode/{pixels.shape[0]}"] += 1
@@ -272,4 +278,4 @@ class EncodeImages:
     def warm(self, params: Any) -> None:
         for size in self.buckets:
             shape = (size, self.spec.channels, self.spec.image_size, self.spec.image_size)
-            self._step.lower(params, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+            self._step.compile(params, jax.ShapeDtypeStruct(shape, jnp.float32))

@@ -1,0 +1,66 @@
+"""A jitted step with its ahead-of-time compiled executables, called directly.
+
+A step compiled ahead of use (``compile``) is kept here as JAX's ``Compiled`` and called
+without going through ``jax.jit``'s caches. That is what lets ``release_lowered_modules``
+(``mrs.compile_cache``) empty those caches after each compile: they hold every lowered
+module, some 50 MiB per step variant of an unrolled decoder, and an executable that has
+never run is reachable only through them. A call whose arguments no compiled variant
+takes runs through ``jax.jit`` (tracing and compiling it on first use), as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from mrs.compile_cache import release_lowered_modules
+
+
+def _leaf_type(x: Any) -> tuple[tuple[int, ...], str]:
+    """An argument's shape and dtype: arrays, ``jax.ShapeDtypeStruct``s and Python scalars."""
+    if hasattr(x, "shape"):
+        return tuple(x.shape), str(x.dtype)
+    return np.shape(x), str(np.result_type(x))
+
+
+class CompiledStep:
+    """``jitted`` (a ``jax.jit`` of ``(*fixed, *args, **kwargs)``) plus its compiled variants.
+
+    The first ``fixed`` arguments (parameters, state) have one shape per engine; a variant
+    is the types of the rest and the values of the ``static`` keywords.
+    """
+
+    def __init__(self, jitted: Callable[..., Any], fixed: int, static: frozenset[str]) -> None:
+        self._jitted = jitted
+        self._fixed = fixed
+        self._static = static
+        self._executables: dict[tuple[Any, ...], Any] = {}
+
+    def _variant(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
+        leaves, tree = jax.tree.flatten((args[self._fixed:], dynamic))
+        static = tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static))
+        return tree, tuple(map(_leaf_type, leaves)), static
+
+    def compiled(self, *args: Any, **kwargs: Any) -> bool:
+        """Whether a call with these arguments runs an executable compiled ahead."""
+        return self._variant(args, kwargs) in self._executables
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        executable = self._executables.get(self._variant(args, kwargs))
+        if executable is None:
+            return self._jitted(*args, **kwargs)
+        return executable(*args, **{k: v for k, v in kwargs.items() if k not in self._static})
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self._jitted.lower(*args, **kwargs)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the variant these arguments (arrays or ``jax.ShapeDtypeStruct``) select,
+        without running it, and let JAX's caches forget its lowered module."""
+        executable = self._jitted.lower(*args, **kwargs).compile()
+        # Another thread's lowering in flight holds its own module: emptying the caches is safe.
+        release_lowered_modules()
+        self._executables[self._variant(args, kwargs)] = executable
