@@ -12,10 +12,7 @@ from mrs.config.schema import GGUF, PLAIN, VISION_PLAIN, ModelEntry
 from mrs.errors import ConfigError
 from mrs.loading.chat_template import select_chat_template
 from mrs.loading.checkpoint import Checkpoint
-from mrs.loading.conversion import is_conversion, load_conversion
 from mrs.loading.gguf_loader import load_gguf
-from mrs.loading.safetensors_reader import load_plain
-from mrs.loading.vision_loader import load_vision_plain
 from mrs.models.config import ModelConfig
 from mrs.quant import quantize_params, resolve_scheme
 from mrs.sharding.placement import Placement, resolve_placement
@@ -28,14 +25,20 @@ def load_checkpoint(entry: ModelEntry) -> Checkpoint:
         resolve_scheme(entry.in_situ_quant)
     if entry.isq_embeddings:
         resolve_scheme(entry.isq_embeddings, "isq_embeddings")
-    converted = kind == PLAIN and is_conversion(entry.model.model_id)
-    if converted:
-        checkpoint = load_conversion(entry)
-    elif kind == GGUF:
+    # The other kinds' loaders are imported on use: they pull in torch (transformers'
+    # AutoTokenizer and processors) or orbax, seconds that a GGUF server need not spend.
+    converted = False
+    if kind == GGUF:
         checkpoint = load_gguf(entry)
     elif kind == PLAIN:
-        checkpoint = load_plain(entry)
+        from mrs.loading.conversion import is_conversion, load_conversion
+        from mrs.loading.safetensors_reader import load_plain
+
+        converted = is_conversion(entry.model.model_id)
+        checkpoint = load_conversion(entry) if converted else load_plain(entry)
     elif kind == VISION_PLAIN:
+        from mrs.loading.vision_loader import load_vision_plain
+
         checkpoint = load_vision_plain(entry)
     else:
         raise ConfigError(

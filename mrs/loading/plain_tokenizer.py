@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from mrs.errors import LoadError
 from mrs.loading.chat_template import tokenizer_template
@@ -30,6 +30,10 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def load_tokenizer(tok_dir: Path) -> PreTrainedTokenizerBase:
+    # Imported on use: AutoTokenizer imports torch where it is installed (3 s of start-up
+    # that a server of GGUF models, with their own tokenizers, does not need).
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except (OSError, ValueError) as e:
