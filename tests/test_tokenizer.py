@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from mrs.loading import gguf_tokenizer
 from mrs.loading.gguf_reader import open_gguf
 from mrs.loading.gguf_tokenizer import tokenizer_from_gguf
 
@@ -32,11 +33,30 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module", params=["smollm2_gguf", "gemma3_gguf"])
-def pair(request) -> tuple[PreTrainedTokenizerFast, object]:
+def built_and_cached(request, tmp_path_factory) -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast, Path]:
+    """The tokenizer built from the file, the same one read back from the cache, the file."""
     path: Path = request.getfixturevalue(request.param)
-    ours = tokenizer_from_gguf(open_gguf(path))
-    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return ours, reference
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_tokenizer, "CACHE_DIR", tmp_path_factory.mktemp("tokenizers"))
+        built = tokenizer_from_gguf(open_gguf(path))
+        assert len(list(gguf_tokenizer.CACHE_DIR.glob("*/kwargs.json"))) == 1
+        return built, tokenizer_from_gguf(open_gguf(path)), path
+
+
+@pytest.fixture(scope="module")
+def pair(built_and_cached) -> tuple[PreTrainedTokenizerFast, object]:
+    """The cached tokenizer (what a server restart uses) and HF transformers' own."""
+    _, cached, path = built_and_cached
+    return cached, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def test_the_cached_tokenizer_is_the_built_one(built_and_cached) -> None:
+    built, cached, _ = built_and_cached
+    assert built.added_tokens_decoder == cached.added_tokens_decoder and len(built) == len(cached)
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token"):
+        assert getattr(built, name) == getattr(cached, name), name
+    for text in CORPUS:
+        assert built(text).input_ids == cached(text).input_ids, text
 
 
 def test_ids_equal_transformers(pair) -> None:
