@@ -26,3 +26,23 @@ def smollm2_gguf(demo_models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def gemma3_gguf(demo_models_dir: Path) -> Path:
     return demo_models_dir / "gemma-3-270m-q4_k_m.gguf"
+
+
+# HF transformers' own loading of the SmolLM2 GGUF (dequantized to float32), the reference of
+# several test files: loaded once per session (transformers dequantizes GGUF in Python, slowly).
+@pytest.fixture(scope="session")
+def hf_smollm2_gguf_model(smollm2_gguf: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                 dtype=torch.float32)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_gguf_tokenizer(smollm2_gguf: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from mrs.config.schema import ModelEntry
 from mrs.errors import ConfigError, InvalidRequest, NoChatTemplate
@@ -30,10 +29,8 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path):
-    g = open_gguf(smollm2_gguf)
-    reference = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    return g.get("tokenizer.chat_template"), reference
+def smollm2(smollm2_gguf: Path, hf_smollm2_gguf_tokenizer):
+    return open_gguf(smollm2_gguf).get("tokenizer.chat_template"), hf_smollm2_gguf_tokenizer
 
 
 @pytest.mark.parametrize("generation_prompt", [True, False])

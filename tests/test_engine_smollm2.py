@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from mrs.config.schema import GGUF, EngineConfig, ModelEntry, ModelSource
 from mrs.engine.engine import Engine
@@ -20,16 +19,13 @@ STEPS = 32
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path):
+def smollm2(smollm2_gguf: Path, hf_smollm2_gguf_model):
     # dequantized like the reference; warm-up off: the test compiles just the shapes it uses
     entry = ModelEntry(model_id="smollm2", model=ModelSource(kind=GGUF, quantized_model_id=str(smollm2_gguf)),
                        dequantize_gguf=True)
     checkpoint = load_checkpoint(entry)
     engine = Engine(checkpoint, EngineConfig(max_batch=2, max_seq_len=128, prefill_buckets=[64], warmup=False))
-    reference = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
-    yield checkpoint, engine.start(), reference
+    yield checkpoint, engine.start(), hf_smollm2_gguf_model
     engine.shutdown()
 
 

@@ -69,8 +69,8 @@ def check_parity(checkpoint: Checkpoint, hf_model, prompt: list[int], steps: int
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path):
-    return load_pair(smollm2_gguf)
+def smollm2(smollm2_gguf: Path, hf_smollm2_gguf_model):
+    return load_checkpoint(gguf_entry(smollm2_gguf)), hf_smollm2_gguf_model
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +78,17 @@ def gemma3(gemma3_gguf: Path):
     return load_pair(gemma3_gguf)
 
 
-@pytest.fixture(scope="module")
-def smollm2_hf_tokenizer(smollm2_gguf: Path):
-    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-
-
-def test_smollm2_raw_prompts(smollm2, smollm2_hf_tokenizer) -> None:
+def test_smollm2_raw_prompts(smollm2, hf_smollm2_gguf_tokenizer) -> None:
     checkpoint, hf_model = smollm2
     for i, text in enumerate(RAW_PROMPTS):
         prompt = checkpoint.tokenizer(text).input_ids
-        assert prompt == smollm2_hf_tokenizer(text).input_ids
+        assert prompt == hf_smollm2_gguf_tokenizer(text).input_ids
         check_parity(checkpoint, hf_model, prompt, steps=STEPS if i < 2 else 1)
 
 
-def test_smollm2_chat_prompts(smollm2, smollm2_hf_tokenizer) -> None:
+def test_smollm2_chat_prompts(smollm2, hf_smollm2_gguf_tokenizer) -> None:
     checkpoint, hf_model = smollm2
-    hf_tok = smollm2_hf_tokenizer
+    hf_tok = hf_smollm2_gguf_tokenizer
     answers = []
     for messages in CHATS:
         text = render_chat(checkpoint.chat_template, messages, checkpoint.tokenizer, model_id="smollm2")
@@ -114,10 +109,10 @@ def test_gemma3_raw_prompts(gemma3) -> None:
         check_parity(checkpoint, hf_model, prompt, steps=STEPS if i == 0 else 1)
 
 
-def test_plain_copy_matches_the_gguf(smollm2, smollm2_hf_tokenizer, demo_models_dir: Path) -> None:
+def test_plain_copy_matches_the_gguf(smollm2, hf_smollm2_gguf_tokenizer, demo_models_dir: Path) -> None:
     """transformers loads the Plain copy mrs.fetch writes, with the GGUF's logits, ids and template."""
     checkpoint, hf_gguf = smollm2
-    hf_tok = smollm2_hf_tokenizer
+    hf_tok = hf_smollm2_gguf_tokenizer
     plain_dir = fetch_plain_copy(demo_models_dir)
     stamp = (plain_dir / "model.safetensors").stat().st_mtime_ns
     assert fetch_plain_copy(demo_models_dir) == plain_dir  # idempotent: nothing rewritten

@@ -64,17 +64,34 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Serv
     )
     srv.wait_ready()
     yield srv
+    _close_clients()
     srv.stop()
+
+
+# Clients closed before a server stops: an idle TLS keep-alive connection the client never
+# closes holds the server's graceful shutdown for its whole timeout (no close_notify reply).
+_CLIENTS: list[httpx.Client] = []
+
+
+def _closed_at_teardown(c: httpx.Client) -> httpx.Client:
+    _CLIENTS.append(c)
+    return c
+
+
+def _close_clients() -> None:
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 def http(server: Server, key: str | None = FLAG_KEY, **headers: str) -> httpx.Client:
     auth = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=server.url, verify=server.verify, headers={**auth, **headers}, timeout=60)
+    return _closed_at_teardown(
+        httpx.Client(base_url=server.url, verify=server.verify, headers={**auth, **headers}, timeout=60))
 
 
 def client(server: Server, key: str = FLAG_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0,
-                         http_client=httpx.Client(verify=server.verify))
+                         http_client=_closed_at_teardown(httpx.Client(verify=server.verify)))
 
 
 def busy_slots(server: Server) -> float:
@@ -249,6 +266,7 @@ def timeout_server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path)
     srv.wait_ready()
     srv.wait_all_compiled()  # the tests time generations: not while compiling in the background
     yield srv
+    _close_clients()
     srv.stop()
 
 
