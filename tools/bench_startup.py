@@ -3,16 +3,18 @@
     python tools/bench_startup.py
 
 Starts ``mrs serve models=[smollm2-135m,gemma3-270m]`` (the quickstart, default engine)
-four times: with an empty JAX compilation cache, then again with the cache that start
-filled, each with the default (the largest step variants compiled before a model reports
-ready, the rest in the background) and with ``engine.compile_in_background=false`` (every
-variant before ready). For each start it prints the seconds from the process start to
+four times: with empty caches (JAX's compilation cache and mrs's tokenizer cache), then
+again with the caches that start filled, each with the default (the largest step variants
+compiled before a model reports ready, the rest in the background) and with
+``engine.compile_in_background=false`` (every variant before ready; ``--compile`` picks
+one of the two). For each start it prints the seconds from the process start to
 ``/health`` answering 200, to every model loaded, and to every model's step variants
 compiled (the model cards' ``compiled`` field), and the RSS then.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -44,7 +46,8 @@ def start(cache: Path, background: bool, log: Path) -> dict:
     port = free_port()
     command = [str(BIN / "mrs"), "serve", *QUICKSTART, f"server.port={port}",
                f"engine.compile_in_background={str(background).lower()}"]
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache / "jax"),
+           "MRS_TOKENIZER_CACHE_DIR": str(cache / "tokenizers")}
     with running(command, port, log, env=env, timeout_s=1800) as proc:
         healthy = proc.ready_s
         _until(lambda: all(card.get("status") == "loaded" for card in _cards(proc.url)))
@@ -56,12 +59,17 @@ def start(cache: Path, background: bool, log: Path) -> dict:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", choices=("background", "first", "both"), default="both",
+                        help="which compile mode(s) to start: in the background (the default), everything first")
+    args = parser.parse_args()
+    modes = {"background": (True,), "first": (False,), "both": (True, False)}[args.compile]
     for model in DEMO_MODELS:
         fetch(model, models_dir())
     rows = []
     with tempfile.TemporaryDirectory(prefix="mrs-bench-startup-") as tmp:
-        for background in (True, False):
-            cache = Path(tmp) / f"jax-cache-{background}"  # each mode fills its own
+        for background in modes:
+            cache = Path(tmp) / f"caches-{background}"  # each mode fills its own
             for state in ("empty", "warm"):
                 name = "background (default)" if background else "everything first"
                 print(f"starting: {name}, {state} cache", file=sys.stderr, flush=True)

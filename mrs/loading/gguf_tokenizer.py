@@ -5,7 +5,8 @@ own GGUF tokenizer builders (gpt2-style byte-level BPE, SentencePiece/llama,
 gemma's variant), so our ids are the reference's by construction; the tests
 check that on a mixed corpus. Building one takes seconds for a large vocabulary
 (Gemma 3's 262k tokens: its merges are recomputed), so the result is kept in
-``~/.cache/mrs/tokenizers``, keyed by the file and the library versions.
+``~/.cache/mrs/tokenizers`` (or ``MRS_TOKENIZER_CACHE_DIR``), keyed by the file and the
+library versions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mrs.loading.sources import resolve_model
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path.home() / ".cache" / "mrs" / "tokenizers"
+CACHE_DIR = Path(os.environ.get("MRS_TOKENIZER_CACHE_DIR") or Path.home() / ".cache" / "mrs" / "tokenizers")
 
 _SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
             "pad_token": "padding_token_id"}
