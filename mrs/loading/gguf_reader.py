@@ -70,13 +70,25 @@ class _Cursor:
         return value
 
     def string(self) -> str:
-        length = self.unpack("<Q")
-        end = self.pos + length
-        if end > len(self.buf):
-            raise _Truncated(f"a {length}-byte string at offset {self.pos} runs past the end")
-        text = self.buf[self.pos:end].decode("utf-8", errors="replace")
-        self.pos = end
-        return text
+        return self.strings(1)[0]
+
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row, in one loop: a vocabulary (Gemma 3's has 262k tokens)
+        read string by string through ``value`` took 2.2 s."""
+        buf, pos, size = self.buf, self.pos, len(self.buf)
+        length_at = struct.Struct("<Q").unpack_from
+        out: list[str] = []
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Truncated(f"needed 8 bytes at offset {pos}")
+            (length,) = length_at(buf, pos)
+            pos += 8
+            if pos + length > size:
+                raise _Truncated(f"a {length}-byte string at offset {pos} runs past the end")
+            out.append(buf[pos:pos + length].decode("utf-8", errors="replace"))
+            pos += length
+        self.pos = pos
+        return out
 
     def value(self, kind: int) -> Any:
         kind = GGUFValueType(kind)
@@ -92,6 +104,8 @@ class _Cursor:
                 values = np.frombuffer(self.buf, np.dtype(fmt), count, self.pos).tolist()
                 self.pos += width * count
                 return values
+            if item_kind == GGUFValueType.STRING:
+                return self.strings(count)
             return [self.value(item_kind) for _ in range(count)]
         return self.unpack(_SCALARS[kind])
 
