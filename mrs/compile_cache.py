@@ -6,8 +6,9 @@ the same model and engine shape (and every server process of a test run) cheap.
 
 In memory, JAX also keeps every lowered MLIR module, to reuse it if the same traced
 step is lowered again. An engine never does (each variant is lowered once, and it calls
-the compiled executable directly: ``mrs.engine.executables``), and the module of a step
-of an unrolled 30-layer decoder holds some 50 MiB: ``release_lowered_modules`` drops them.
+the compiled executable directly: ``mrs.engine.executables``), so
+``release_lowered_modules`` drops them (about 5 MiB per step variant of the quickstart
+models; the executables themselves hold most of the rest).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 A step compiled ahead of use (``compile``) is kept here as JAX's ``Compiled`` and called
 without going through ``jax.jit``'s caches. That is what lets ``release_lowered_modules``
 (``mrs.compile_cache``) empty those caches after each compile: they hold every lowered
-module, some 50 MiB per step variant of an unrolled decoder, and an executable that has
-never run is reachable only through them. A call whose arguments no compiled variant
-takes runs through ``jax.jit`` (tracing and compiling it on first use), as before.
+module (about 5 MiB per step variant of the quickstart models: ``tools/bench_memory.py``
+went from 68 to 63 MiB per compiled variant), and an executable that has never run is
+reachable only through them. A call whose arguments no compiled variant takes runs
+through ``jax.jit`` (tracing and compiling it on first use), as before.
 """
 
 from __future__ import annotations
@@ -43,10 +44,6 @@ class CompiledStep:
         leaves, tree = jax.tree.flatten((args[self._fixed:], dynamic))
         static = tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static))
         return tree, tuple(map(_leaf_type, leaves)), static
-
-    def compiled(self, *args: Any, **kwargs: Any) -> bool:
-        """Whether a call with these arguments runs an executable compiled ahead."""
-        return self._variant(args, kwargs) in self._executables
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         executable = self._executables.get(self._variant(args, kwargs))
