@@ -63,10 +63,13 @@ def tokenizer_from_gguf(g: GGUFFile) -> PreTrainedTokenizerFast:
 
 
 def _store(entry: Path, backend: tokenizers.Tokenizer, kwargs: dict[str, Any]) -> None:
-    """Write a cache entry; the kwargs file last, atomically, so a reader never sees half of one."""
+    """Write a cache entry, each file renamed into place (two servers may build it at once)
+    and the kwargs file last, so a reader never sees half of one."""
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        backend.save(str(entry / "tokenizer.json"))
+        partial = entry / f"tokenizer.json.{os.getpid()}"
+        backend.save(str(partial))
+        partial.replace(entry / "tokenizer.json")
         partial = entry / f"kwargs.json.{os.getpid()}"
         partial.write_text(json.dumps(kwargs), encoding="utf-8")
         partial.replace(entry / "kwargs.json")
