@@ -40,6 +40,7 @@ def built_and_cached(request, tmp_path_factory) -> tuple[PreTrainedTokenizerFast
         patch.setattr(gguf_tokenizer, "CACHE_DIR", tmp_path_factory.mktemp("tokenizers"))
         built = tokenizer_from_gguf(open_gguf(path))
         assert len(list(gguf_tokenizer.CACHE_DIR.glob("*/kwargs.json"))) == 1
+        patch.setattr(gguf_tokenizer, "_build", lambda g: pytest.fail("the cached tokenizer was built again"))
         return built, tokenizer_from_gguf(open_gguf(path)), path
 
 
