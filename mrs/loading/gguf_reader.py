@@ -73,8 +73,8 @@ class _Cursor:
         return self.strings(1)[0]
 
     def strings(self, count: int) -> list[str]:
-        """``count`` strings in a row, in one loop: a vocabulary (Gemma 3's has 262k tokens)
-        read string by string through ``value`` took 2.2 s."""
+        """``count`` strings in a row, in one loop: opening Gemma 3's GGUF (262k tokens) took
+        0.52 s reading them string by string through ``value``, 0.23 s this way."""
         buf, pos, size = self.buf, self.pos, len(self.buf)
         length_at = struct.Struct("<Q").unpack_from
         out: list[str] = []
