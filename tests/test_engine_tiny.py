@@ -4,6 +4,7 @@ batching invariance, seeds, stops, logprobs, cancellation, errors, no recompiles
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import jax
@@ -17,7 +18,7 @@ from mrs.config.schema import EngineConfig
 from mrs.engine.engine import Engine
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta
 from mrs.errors import ContextLengthExceeded, InvalidRequest, Overloaded
-from mrs.quant import param_bytes
+from mrs.quant import native, param_bytes
 
 CONFIG = EngineConfig(max_batch=16, max_seq_len=128, max_queue=64, prefill_buckets=[16, 64])
 
@@ -246,6 +247,23 @@ def test_no_recompile_after_warmup(engine, monkeypatch) -> None:
     assert compiled == [] and jitted == []
     stats = engine.stats()
     assert stats["tokens_generated"] > 0
+
+
+def test_decode_variants_follow_the_attention_kernel(tiny, monkeypatch) -> None:
+    """Decode compiles one attention length per batch bucket where its kernel reads each
+    sequence's length at run time (the native CPU kernel); every attention bucket where
+    XLA's attention, whose cost follows the static length, runs instead."""
+    config = dataclasses.replace(CONFIG, max_seq_len=512, warmup=False)
+
+    def lengths(engine: Engine) -> set[int]:
+        return {kwargs["kv_len"] for step, _, kwargs in sum(engine._variants(), []) if step == "decode"}
+
+    kernel = Engine(tiny[0], config)
+    assert kernel._kv_buckets == [256, 512]
+    assert lengths(kernel) == {512} and kernel._decode_shape(5, 1) == (512, 1)
+    monkeypatch.setattr(native, "available", lambda: False)
+    xla = Engine(tiny[0], config)
+    assert lengths(xla) == {256, 512} and xla._decode_shape(5, 1) == (256, 1)
 
 
 def test_serving_before_the_background_compile_runs_the_largest_variants(engine, tiny) -> None:

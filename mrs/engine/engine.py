@@ -97,6 +97,9 @@ class Engine:
         self._short_chunk = middle if middle < self._prefill_buckets[-1] else None
         self._batch_buckets = batch_buckets(self.max_batch)
         self._steps = build_steps(model_config, self.max_batch, self._kv, checkpoint.placement)
+        # A decode kernel that reads each sequence's length costs the same at every kv_len:
+        # one attention length per batch bucket then (a third of the decode variants to compile and hold).
+        self._decode_kv_buckets = [self.context_limit] if self._steps.decode_reads_lengths else self._kv_buckets
         self._params = self._steps.place_params(checkpoint.params)
         self._compiler = StepCompiler(self._steps, self._params, checkpoint.source)
         # Measured once: the parameters never change, and walking their ~500 device
@@ -309,7 +312,7 @@ class Engine:
         active = np.zeros(self.max_batch, bool)
         active[0] = True
         decode = [("decode", (active, self._unconstrained, self._pages.tables.copy()), {"kv_len": kv_len, "rows": rows})
-                  for rows in self._batch_buckets for kv_len in self._kv_buckets]
+                  for rows in self._batch_buckets for kv_len in self._decode_kv_buckets]
         largest = [decode.pop()]
         rest: list[Variant] = decode
         # Plain prefill, and the one that scores the prompt: rare (echo, prompt_logprobs), so
@@ -372,8 +375,8 @@ class Engine:
     def _decode_shape(self, longest: int, rows: int) -> tuple[int, int]:
         """The attention length and batch rows of a decode step for these sequences: the
         smallest compiled buckets that hold them (the largest are compiled first)."""
-        kv_len, rows = bucket_for(longest, self._kv_buckets), bucket_for(rows, self._batch_buckets)
-        return next((k, r) for r in self._batch_buckets if r >= rows for k in self._kv_buckets
+        kv_len, rows = bucket_for(longest, self._decode_kv_buckets), bucket_for(rows, self._batch_buckets)
+        return next((k, r) for r in self._batch_buckets if r >= rows for k in self._decode_kv_buckets
                     if k >= kv_len and self._compiled(("decode", k, r)))
 
     def _chunk_length(self, start: int, tokens: int, plain: bool) -> int:

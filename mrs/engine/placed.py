@@ -69,6 +69,8 @@ class MeshSteps(Steps):
         shardings = shardings._replace(cache=cache_shardings(shapes.cache, self.mesh))
         return jax.jit(super().init_state, out_shardings=shardings)()
 
+    decode_reads_lengths = False  # XLA's attention only: its cost follows the static kv_len
+
     def _prefill(self, *args: Any, **kwargs: Any) -> tuple[DecodeState, SampleOut]:
         with native.xla_only():
             return super()._prefill(*args, **kwargs)
@@ -115,6 +117,8 @@ class StagedSteps:
         self.traces = self._last.traces
         self._leads = [_LeadStage(config, device, layers, self.traces) for device, layers in lead]
         self._inputs = jax.jit(decode_inputs, static_argnames=("rows",))
+        # Every stage attends as the last one does (the same kernels, the same cache dtype).
+        self.decode_reads_lengths = self._last.decode_reads_lengths
 
     def warm(self, step: str, params: list[dict], state: DecodeState, *args: Any, **kwargs: Any) -> DecodeState:
         """Compile ``step`` by running it: each stage's inputs are the previous stage's outputs

@@ -23,7 +23,7 @@ from mrs.engine.executables import CompiledStep
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample, score_tokens
 from mrs.models.config import ModelConfig
 from mrs.models.kv_cache import KVCache, KVGeometry, Stage, init_cache
-from mrs.models.layers import PAD_POSITION, Injected
+from mrs.models.layers import PAD_POSITION, Injected, decode_reads_lengths
 from mrs.models.registry import build_encoder, build_model
 from mrs.models.vision import VisionSpec
 
@@ -43,8 +43,9 @@ class DecodeState(NamedTuple):
 def kv_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
     """Static attention lengths: ``smallest`` times powers of 4, then ``max_seq_len``.
 
-    Coarse on purpose: each one is a decode compile per batch bucket, and reading a
-    few hundred extra cache rows costs little next to the weights.
+    Coarse on purpose: each one is a compile per prefill chunk (and per decode batch bucket
+    where decode's attention cost follows ``kv_len``), and reading a few hundred extra
+    cache rows costs little next to the weights.
     """
     buckets, size = [], smallest
     while size < max_seq_len:
@@ -125,6 +126,12 @@ class Steps:
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
         self.prefill = _step(self._prefill, ("kv_len", "score"))
         self.decode = _step(self._decode, ("kv_len", "rows"))
+
+    @property
+    def decode_reads_lengths(self) -> bool:
+        """Whether decode's attention takes each sequence's length at run time: then one
+        attention-length variant of decode serves them all (``layers.decode_reads_lengths``)."""
+        return decode_reads_lengths(self.config, self.kv.dtype)
 
     def init_state(self) -> DecodeState:
         b, v = self.max_batch, self.config.vocab_size

@@ -230,15 +230,24 @@ def _decode(q: Array, cache: LayerCache, pages: Array | None, positions: Array, 
     xla = partial(_attend, **options)
     if not native.kernels_allowed():
         return xla(q, cache, pages, positions)
-    cpu = partial(_kernel_decode, native.decode_attention, **options) if _native_decode_ok(q, *cache) else xla
+    native_ok = _native_decode_ok(q.dtype, cache[0].dtype, cache[1].dtype, q.shape[3])
+    cpu = partial(_kernel_decode, native.decode_attention, **options) if native_ok else xla
     gpu = (partial(_kernel_decode, paged_attention.paged_decode_attention, **options)
            if paged_attention.supported(q, *cache) else None)
     return native.cpu_or_xla(cpu, xla, q, cache, pages, positions, gpu=gpu)
 
 
-def _native_decode_ok(q: Array, k_cache: Array, v_cache: Array) -> bool:
-    return (all(a.dtype == jnp.float32 for a in (q, k_cache, v_cache)) and q.shape[3] % 8 == 0
-            and native.available())
+def _native_decode_ok(q_dtype: Any, k_dtype: Any, v_dtype: Any, head_dim: int) -> bool:
+    return all(d == jnp.float32 for d in (q_dtype, k_dtype, v_dtype)) and head_dim % 8 == 0 and native.available()
+
+
+def decode_reads_lengths(config: ModelConfig, kv_dtype: Any) -> bool:
+    """Whether a decode step's attention reads each sequence's length at run time, so that its
+    cost does not grow with the static ``kv_len``: the native CPU kernel, where it applies
+    (steps compiled for the CPU, float32 queries and cache). One attention-length variant of
+    decode then serves every length (``mrs.engine.engine``)."""
+    kv = jnp.dtype(kv_dtype)
+    return jax.default_backend() == "cpu" and _native_decode_ok(config.jnp_dtype, kv, kv, config.head_dim)
 
 
 def _kernel_decode(kernel: Callable[..., Array], q: Array, cache: LayerCache, pages: Array | None,
