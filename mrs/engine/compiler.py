@@ -22,6 +22,8 @@ from typing import Any
 
 import jax
 
+from mrs.heap import release_free_heap
+
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_SECONDS = 10.0  # at most one progress line per this many seconds of compiling
@@ -96,6 +98,7 @@ class StepCompiler:
             foreground, background = foreground + background, []
         begin = time.perf_counter()
         state = self._compile_all(state, foreground, begin, threading.Event())
+        release_free_heap()  # what compiling freed (each compile's scratch stays in the C heap)
         if background and not self._stopping.is_set():
             spec = jax.tree.map(_spec, state)
             thread = threading.Thread(target=self._background, args=(spec, background), daemon=True,
@@ -124,6 +127,7 @@ class StepCompiler:
         except Exception:  # the engine keeps serving with the variants it has
             log.exception("background compile of %s failed", self._source)
         finally:
+            release_free_heap()
             self._finished.set()
 
     def _compile_all(self, state: Any, variants: list[Variant], begin: float, stop: threading.Event) -> Any:
