@@ -105,7 +105,9 @@ async def _one(client: httpx.AsyncClient, model: str, i: int, max_tokens: int, s
 async def drive(url: str, model: str, clients: int, rounds: int, max_tokens: int, stream: bool, offset: int) -> Level:
     """``clients`` concurrent clients, each sending ``rounds`` requests in turn."""
     level = Level()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # A new connection per request: llama-server now and then closes a kept-alive connection
+    # as the next request goes out ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
         async def client_loop(c: int) -> None:
             for r in range(rounds):
