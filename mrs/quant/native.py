@@ -47,9 +47,10 @@ SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cc"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 CACHE_DIR = Path.home() / ".cache" / "mrs" / "kernels"
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
-# Rows of activations up to which qmatmul beats XLA's dequantize-then-GEMM: at 32 rows XLA
-# was 26% faster on SmolLM2's Q4_1 and level on Gemma 3's Q5_0 and Q8_0 (tools/bench_qmatmul.py).
-MAX_ROWS = 16
+# Rows of activations up to which qmatmul beats XLA's dequantize-then-GEMM in the served model.
+# In isolation XLA wins from 16-32 rows (tools/bench_qmatmul.py), but with 16 here a 32-row
+# decode step ran slower: tools/bench_serve.py's 32 streams fell from 93.1 to 64.1 tok/s.
+MAX_ROWS = 32
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"mrs_qmatmul": "MrsQMatmul", "mrs_decode_attention": "MrsDecodeAttention"}
 _tracing = threading.local()  # per thread: each model's engine traces its steps in its own thread
