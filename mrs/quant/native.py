@@ -2,7 +2,7 @@
 
 - ``qmatmul``: ``x @ w.T`` for a QArray ``w``, reading the packed blocks directly
   (``QArray.linear`` uses it for up to ``MAX_ROWS`` activation rows; prefill's
-  larger matmuls stay with XLA, which dequantizes once and runs a GEMM).
+  larger chunks stay with XLA, which dequantizes once per call and runs a GEMM).
 - ``decode_attention``: one query per slot over the paged KV cache, read in place
   (``mrs.models.layers.cached_attention`` uses it for decode steps).
 
@@ -47,10 +47,10 @@ SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cc"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 CACHE_DIR = Path.home() / ".cache" / "mrs" / "kernels"
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
-# Rows of activations up to which qmatmul beats XLA's dequantize-then-GEMM in the served model.
-# In isolation XLA wins from 16-32 rows (tools/bench_qmatmul.py), but with 16 here a 32-row
-# decode step ran slower: tools/bench_serve.py's 32 streams fell from 93.1 to 64.1 tok/s.
-MAX_ROWS = 32
+# Rows of activations up to which qmatmul beats XLA's dequantize-then-GEMM: XLA expands every
+# weight to float32 on each call, which 64 rows still cost more than the kernel's passes
+# (tools/bench_qmatmul.py; it wins from 128 or 256 rows). So prefill chunks of 64 run it too.
+MAX_ROWS = 64
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"mrs_qmatmul": "MrsQMatmul", "mrs_decode_attention": "MrsDecodeAttention"}
 _tracing = threading.local()  # per thread: each model's engine traces its steps in its own thread
