@@ -219,8 +219,9 @@ def test_a_shared_prefix_prefills_once_and_answers_as_without_the_cache(tiny) ->
 
 
 def test_cached_prefixes_and_short_continuations_compile_nothing_after_warm_up(tiny) -> None:
-    """A prompt's rest after a cached prefix (or a long prompt's short last chunk) runs in the
-    short continuation chunk (the middle bucket, 32 here), warmed up for every attention length."""
+    """A prompt's rest after a cached prefix (or a long prompt's short last chunk) runs in one
+    or two short continuation chunks (the second bucket, 32 here), warmed up for every
+    attention length."""
     engine = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], warmup=True)
     plain = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], prefix_cache=False)
     try:
@@ -230,7 +231,16 @@ def test_cached_prefixes_and_short_continuations_compile_nothing_after_warm_up(t
         for ids in (base[:50], base[:60] + [1, 2], base + [3], base[:9] + prompt(90, seed=12), prompt(70, seed=13)):
             got = run(engine, ids, temperature=0.0, max_tokens=4, ignore_eos=True)
             assert got[0] == run(plain, ids, temperature=0.0, max_tokens=4, ignore_eos=True)[0]
-        assert got[2].usage.cached_tokens == 0 and dict(engine._steps.traces) == before
+        assert got[2].usage.cached_tokens == 0
+        chunks = []  # (start, tokens, padded length) of each prefill chunk
+        real = engine._prefill_chunk
+        engine._prefill_chunk = lambda slot, chunk, start, length, *rest: (
+            chunks.append((start, len(chunk), length)) or real(slot, chunk, start, length, *rest))
+        ids = base[:40] + prompt(45, seed=14)[1:]  # 40 cached, 44 to go: two short chunks, not the 64 one
+        got = run(engine, ids, temperature=0.0, max_tokens=4, ignore_eos=True)
+        assert got[0] == run(plain, ids, temperature=0.0, max_tokens=4, ignore_eos=True)[0]
+        assert got[2].usage.cached_tokens == 40 and chunks == [(40, 32, 32), (72, 12, 32)]
+        assert dict(engine._steps.traces) == before
         assert "prefill/32/128" in before  # the short continuation (a first chunk of 32 attends 32 rows)
     finally:
         engine.shutdown()
