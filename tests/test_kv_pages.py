@@ -219,11 +219,11 @@ def test_a_shared_prefix_prefills_once_and_answers_as_without_the_cache(tiny) ->
 
 
 def test_cached_prefixes_and_short_continuations_compile_nothing_after_warm_up(tiny) -> None:
-    """A prompt's rest after a cached prefix (or a long prompt's short last chunk) runs in one
-    or two short continuation chunks (the second bucket, 32 here), warmed up for every
-    attention length."""
-    engine = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], warmup=True)
-    plain = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 64], prefix_cache=False)
+    """A prompt's rest after a cached prefix (or a long prompt's last chunk) runs in short
+    continuation chunks (the second bucket, 32 here) when they pad fewer tokens than the
+    largest chunk, warmed up for every attention length."""
+    engine = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 128], warmup=True)
+    plain = _engine(tiny, kv_page_size=8, prefill_buckets=[16, 32, 128], prefix_cache=False)
     try:
         assert engine.wait_compiled(600)
         before = dict(engine._steps.traces)
@@ -236,7 +236,7 @@ def test_cached_prefixes_and_short_continuations_compile_nothing_after_warm_up(t
         real = engine._prefill_chunk
         engine._prefill_chunk = lambda slot, chunk, start, length, *rest: (
             chunks.append((start, len(chunk), length)) or real(slot, chunk, start, length, *rest))
-        ids = base[:40] + prompt(45, seed=14)[1:]  # 40 cached, 44 to go: two short chunks, not the 64 one
+        ids = base[:40] + prompt(45, seed=14)[1:]  # 40 cached, 44 to go: two short chunks, not the 128 one
         got = run(engine, ids, temperature=0.0, max_tokens=4, ignore_eos=True)
         assert got[0] == run(plain, ids, temperature=0.0, max_tokens=4, ignore_eos=True)[0]
         assert got[2].usage.cached_tokens == 40 and chunks == [(40, 32, 32), (72, 12, 32)]
