@@ -27,6 +27,7 @@ from mrs.config.schema import VISION_PLAIN, EngineConfig, ModelEntry, ServeConfi
 from mrs.config.units import parse_duration
 from mrs.config.validate import check_entry as check_fields, check_unique_ids
 from mrs.errors import ConfigError, InvalidRequest, ModelExists, ModelNotFound, ModelUnavailable
+from mrs.heap import release_free_heap
 from mrs.loading.estimate import estimate_bytes
 from mrs.models.registry import ARCHS, VISION_ARCHS
 from mrs.pipeline import Pipeline, load
@@ -335,6 +336,8 @@ class ModelTable:
             served.close()
             self._count(model_id, "evictions" if status == EVICTED else "unloads")
             log.info("model %r unloaded (%s)", model_id, reason)
+            del served  # the last reference to its weights and KV pool: they are freed here,
+            release_free_heap()  # and their heap pages go back to the OS (Gemma 3: 438 MiB)
         return row.status
 
     def add(self, entry: ModelEntry, load_now: bool = True) -> concurrent.futures.Future | None:
@@ -364,6 +367,8 @@ class ModelTable:
         if served is not None:
             served.close()
             self._count(model_id, "unloads")
+            del served  # as in unload: freed, then the heap trimmed
+            release_free_heap()
         log.info("model %r removed", model_id)
 
     def shutdown(self) -> None:

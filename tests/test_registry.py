@@ -8,6 +8,7 @@ import concurrent.futures
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,19 @@ def test_a_failed_load_keeps_to_its_model(checkpoint: Path, tmp_path: Path) -> N
     with pytest.raises(ModelUnavailable, match="failed to load"):
         t.ensure_loaded("broken").result()
     assert len(generate(t, "good")) == 4
+    t.shutdown()
+
+
+def test_an_unload_frees_the_model_before_it_returns(checkpoint: Path) -> None:
+    """Unloading drops the last reference to the pipeline (its weights and KV pool), so the
+    heap trim that follows it (mrs.heap) has their pages to give back."""
+    t = table([entry("a", checkpoint), entry("b", checkpoint)])
+    t.load_all()
+    assert len(generate(t, "b")) == 4
+    pipelines = [weakref.ref(t._rows[m].served) for m in ("a", "b")]
+    t.unload("a")
+    t.remove("b")
+    assert [p() for p in pipelines] == [None, None]
     t.shutdown()
 
 
