@@ -362,6 +362,7 @@ class ModelTable:
             future = row.loading
         if future is not None:  # a load in flight: let it end, then drop what it loaded
             concurrent.futures.wait([future])
+            future = None  # its result is the pipeline: nothing here may hold it when the heap is trimmed
         with self._lock:
             served, row.served = row.served, None
         if served is not None:

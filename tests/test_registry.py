@@ -17,8 +17,10 @@ from server_process import TINY_ENGINE_CONFIG
 
 from mrs.config.schema import PLAIN, EngineConfig, ModelEntry, ModelSource, ServeConfig, ServerConfig
 from mrs.errors import ModelUnavailable
+from mrs.heap import release_free_heap
 from mrs.loading.estimate import estimate_bytes
 from mrs.pipeline import load
+from serving import table as table_module
 from serving.table import EVICTED, FAILED, LOADED, UNLOADED, ModelTable
 
 ENGINE = EngineConfig(**TINY_ENGINE_CONFIG)
@@ -164,16 +166,23 @@ def test_a_failed_load_keeps_to_its_model(checkpoint: Path, tmp_path: Path) -> N
     t.shutdown()
 
 
-def test_an_unload_frees_the_model_before_it_returns(checkpoint: Path) -> None:
-    """Unloading drops the last reference to the pipeline (its weights and KV pool), so the
-    heap trim that follows it (mrs.heap) has their pages to give back."""
+def test_an_unload_frees_the_model_before_the_heap_is_trimmed(checkpoint: Path, monkeypatch) -> None:
+    """Unloading or removing drops the last reference to the pipeline (its weights and KV
+    pool) before the heap trim (mrs.heap), so the trim has their pages to give back."""
     t = table([entry("a", checkpoint), entry("b", checkpoint)])
     t.load_all()
     assert len(generate(t, "b")) == 4
-    pipelines = [weakref.ref(t._rows[m].served) for m in ("a", "b")]
+    pipeline = {m: weakref.ref(t._rows[m].served) for m in ("a", "b")}
+    freed_at_trim: list[dict[str, bool]] = []
+
+    def trim() -> None:  # the real trim, noting which pipelines were gone when it ran
+        freed_at_trim.append({m: ref() is None for m, ref in pipeline.items()})
+        release_free_heap()
+
+    monkeypatch.setattr(table_module, "release_free_heap", trim)
     t.unload("a")
     t.remove("b")
-    assert [p() for p in pipelines] == [None, None]
+    assert freed_at_trim == [{"a": True, "b": False}, {"a": True, "b": True}]
     t.shutdown()
 
 
