@@ -3,6 +3,8 @@
 An engine compiles one step per bucket before it reports ready; on a CPU that
 warm-up dominates start-up. Persisting compiled steps makes every later start of
 the same model and engine shape (and every server process of a test run) cheap.
+The engine's own steps go further: ``mrs.engine.executable_cache`` keeps them in a
+folder of this cache's directory and loads them without tracing or lowering.
 
 In memory, JAX also keeps every lowered MLIR module, to reuse it if the same traced
 step is lowered again. An engine never does (each variant is lowered once, and it calls

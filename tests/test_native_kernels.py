@@ -19,7 +19,7 @@ from mrs.quant import QArray, native
 from mrs.quant.gguf import gguf_tensor_to_jax
 from mrs.quant.isq import quantize_array
 
-BUILDABLE = native._compiler() is not None and all(f in native._cpu_flags() for f in native.REQUIRED_CPU_FLAGS)
+BUILDABLE = native._compiler() is not None and all(f in native.cpu_flags() for f in native.REQUIRED_CPU_FLAGS)
 
 
 def test_kernels_build_where_a_compiler_and_avx2_exist() -> None:

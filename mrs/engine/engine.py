@@ -24,11 +24,13 @@ beyond that; with no constrained slot the loop is unchanged.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import logging
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,16 @@ from mrs.models.layers import Injected
 from mrs.quant.memory import cache_bytes, param_bytes
 
 log = logging.getLogger(__name__)
+
+
+_running: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose thread has started
+
+
+def _shutdown_at_exit() -> None:
+    """Stop every engine thread before the interpreter finalizes: a daemon engine thread still
+    dropping a step's arrays then aborts the process ("FATAL: exception not rethrown")."""
+    for engine in list(_running):
+        engine.shutdown(timeout=10.0)
 
 
 @dataclass
@@ -146,6 +158,10 @@ class Engine:
         compiled, or with ``compile_in_background`` the largest ones (see ``wait_compiled``)."""
         if self._thread is None:
             enable_persistent_cache()
+            # Registered once, last: atexit runs last-registered first, so before JAX's clean-up.
+            atexit.unregister(_shutdown_at_exit)
+            atexit.register(_shutdown_at_exit)
+            _running.add(self)
             self._thread = threading.Thread(target=self._run, name="mrs-engine", daemon=True)
             self._thread.start()
         if wait:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from mrs.compile_cache import release_lowered_modules
+from mrs.engine import executable_cache
 
 
 def _leaf_type(x: Any) -> tuple[tuple[int, ...], str]:
@@ -33,10 +34,12 @@ class CompiledStep:
     is the types of the rest and the values of the ``static`` keywords.
     """
 
-    def __init__(self, jitted: Callable[..., Any], fixed: int, static: frozenset[str]) -> None:
+    def __init__(self, jitted: Callable[..., Any], fixed: int, static: frozenset[str],
+                 fingerprint: str | None = None) -> None:
         self._jitted = jitted
         self._fixed = fixed
         self._static = static
+        self._fingerprint = fingerprint  # what else the step depends on; None: not kept on disk
         self._executables: dict[tuple[Any, ...], Any] = {}
 
     def _variant(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -56,8 +59,11 @@ class CompiledStep:
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Compile the variant these arguments (arrays or ``jax.ShapeDtypeStruct``) select,
-        without running it, and let JAX's caches forget its lowered module."""
-        executable = self._jitted.lower(*args, **kwargs).compile()
+        without running it (or load it from ``mrs.engine.executable_cache``), and let JAX's
+        caches forget its lowered module."""
+        entry = None if self._fingerprint is None else executable_cache.key(self._fingerprint, args, kwargs,
+                                                                             self._static)
+        executable = executable_cache.load_or_compile(entry, lambda: self._jitted.lower(*args, **kwargs).compile())
         # Another thread's lowering in flight holds its own module: emptying the caches is safe.
         release_lowered_modules()
         self._executables[self._variant(args, kwargs)] = executable

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrs.engine.executable_cache import versioned
 from mrs.engine.executables import CompiledStep
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample, score_tokens
 from mrs.models.config import ModelConfig
@@ -99,9 +100,10 @@ def set_row(tree: Any, slot: Array, row: Any) -> Any:
     )
 
 
-def _step(fn: Callable[..., Any], static: tuple[str, ...]) -> CompiledStep:
+def _step(fn: Callable[..., Any], static: tuple[str, ...], fingerprint: str) -> CompiledStep:
     """A step ``(params, state, ...) -> (state, ...)`` that donates its state."""
-    return CompiledStep(jax.jit(fn, donate_argnums=(1,), static_argnames=static), fixed=2, static=frozenset(static))
+    jitted = jax.jit(versioned(fn), donate_argnums=(1,), static_argnames=static)
+    return CompiledStep(jitted, fixed=2, static=frozenset(static), fingerprint=fingerprint)
 
 
 class Steps:
@@ -124,8 +126,10 @@ class Steps:
         # Incremented while tracing: a compile counter for tests and stats.
         self.traces: Counter[str] = Counter()
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
-        self.prefill = _step(self._prefill, ("kv_len", "score"))
-        self.decode = _step(self._decode, ("kv_len", "rows"))
+        # What the steps close over, beyond their inputs (mrs.engine.executable_cache).
+        owner = f"{type(self).__qualname__}:{config!r}:{max_batch}:{kv!r}:{stage!r}"
+        self.prefill = _step(self._prefill, ("kv_len", "score"), f"{owner}:prefill")
+        self.decode = _step(self._decode, ("kv_len", "rows"), f"{owner}:decode")
 
     @property
     def decode_reads_lengths(self) -> bool:
@@ -269,7 +273,8 @@ class EncodeImages:
         self.buckets = image_buckets(spec.max_images)
         self.encoder = build_encoder(spec)
         self.traces: Counter[str] = Counter()
-        self._step = CompiledStep(jax.jit(self._encode), fixed=1, static=frozenset())
+        self._step = CompiledStep(jax.jit(versioned(self._encode)), fixed=1, static=frozenset(),
+                                  fingerprint=f"encode:{spec!r}")
 
     def _encode(self, params: Any, pixels: Array) -> Array:
         self.traces[f"encode/{pixels.shape[0]}"] += 1

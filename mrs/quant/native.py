@@ -56,7 +56,7 @@ TARGETS = {"mrs_qmatmul": "MrsQMatmul", "mrs_decode_attention": "MrsDecodeAttent
 _tracing = threading.local()  # per thread: each model's engine traces its steps in its own thread
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -74,7 +74,7 @@ def build(compiler: str, out_dir: Path = CACHE_DIR) -> Path:
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
     digest = hashlib.sha256()
     for part in [*(p.read_bytes() for p in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),
-                 " ".join(flags).encode(), " ".join(sorted(_cpu_flags())).encode()]:
+                 " ".join(flags).encode(), " ".join(sorted(cpu_flags())).encode()]:
         digest.update(part + b"\0")
     library = out_dir / f"mrs-kernels-{digest.hexdigest()[:16]}.so"
     if library.exists():
@@ -95,7 +95,7 @@ def available() -> bool:
     """Whether the kernels are built and registered (tried once per process)."""
     if os.environ.get("MRS_NATIVE_KERNELS", "1") == "0":
         return False
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
     compiler = _compiler()
     if platform.machine() not in ("x86_64", "AMD64") or missing or compiler is None:
         log.info("native CPU kernels off (cpu %s, missing flags %s, compiler %s); using XLA's ops",
