@@ -155,7 +155,7 @@ def _store(path: Path, executable: Any) -> None:
         os.replace(file.name, path)
         if new_version:
             _prune(path.parent.parent)
-    except (OSError, ValueError, NotImplementedError, pickle.PicklingError) as error:
+    except Exception as error:  # not serializable (constants, unpicklable trees) or not writable: only slower
         log.debug("executable not cached (%s): %s", path.name, error)
 
 
