@@ -240,8 +240,9 @@ def test_cached_prefixes_and_short_continuations_compile_nothing_after_warm_up(t
         got = run(engine, ids, temperature=0.0, max_tokens=4, ignore_eos=True)
         assert got[0] == run(plain, ids, temperature=0.0, max_tokens=4, ignore_eos=True)[0]
         assert got[2].usage.cached_tokens == 40 and chunks == [(40, 32, 32), (72, 12, 32)]
+        # Nothing traced while running: the short continuation's variant (32 tokens attending
+        # 128 rows) was ready from the warm-up, compiled or loaded from the executable cache.
         assert dict(engine._steps.traces) == before
-        assert "prefill/32/128" in before  # the short continuation (a first chunk of 32 attends 32 rows)
     finally:
         engine.shutdown()
         plain.shutdown()
