@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-before-serving", action="store_true",
                         help="compile every step variant before a model reports ready (default: the largest "
                              "ones, then the rest in the background while it serves)")
+    parser.add_argument("--variant-idle", type=float, default=EngineConfig.variant_idle_s, metavar="S",
+                        help="seconds a compiled step variant stays in memory unused before it is dropped (it "
+                             "loads again from the executable cache when wanted; -1: keep every one; "
+                             "default %(default)s)")
     parser.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout_s,
                         help="seconds in-flight requests get on SIGINT/SIGTERM (default %(default)s)")
     _access_options(parser)
@@ -173,6 +177,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         kv_tokens=args.kv_tokens, kv_memory=args.kv_memory, kv_page_size=args.kv_page_size, kv_dtype=args.kv_dtype,
         prefix_cache=not args.no_prefix_cache,
         warmup=not args.no_warmup, compile_in_background=not args.compile_before_serving,
+        variant_idle_s=None if args.variant_idle < 0 else args.variant_idle,
     )
     if args.prefill_buckets:
         engine.prefill_buckets = args.prefill_buckets

@@ -20,7 +20,9 @@ from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDel
 from mrs.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 from mrs.quant import native, param_bytes
 
-CONFIG = EngineConfig(max_batch=16, max_seq_len=128, max_queue=64, prefill_buckets=[16, 64])
+# Every compiled variant stays in memory: the tests that check which variant runs must not
+# depend on how long the module has run (an idle variant leaves otherwise).
+CONFIG = EngineConfig(max_batch=16, max_seq_len=128, max_queue=64, prefill_buckets=[16, 64], variant_idle_s=None)
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +298,50 @@ def test_serving_before_the_background_compile_runs_the_largest_variants(engine,
         early.shutdown()
 
 
+def _until(condition, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_idle_step_variants_leave_memory_and_come_back_without_tracing(engine, tiny) -> None:
+    """A variant not run for ``variant_idle_s`` is dropped (the executable cache holds it;
+    the largest stay); a request that wants it runs in a larger one while it loads again,
+    with the same tokens, and nothing traces. A variant that another engine of the same
+    shape holds stays in memory."""
+    config = dataclasses.replace(CONFIG, max_batch=4, max_seq_len=64, prefill_buckets=[16, 32],
+                                 compile_in_background=False, variant_idle_s=3.0)
+    idle, shared = Engine(tiny[0], config).start(), None
+    try:
+        executables = idle._steps.decode._executables
+        total, pinned = idle.stats()["variants_total"], 3  # the largest decode, prefill and scored prefill
+        small, largest = idle._decode_shape(5, 1), (idle._decode_kv_buckets[-1], idle._batch_buckets[-1])
+        assert idle.stats()["variants_in_memory"] == total == len(idle._steps.prefill._executables) + len(executables)
+        before = dict(idle._steps.traces)
+        ids, sampling = prompt(5, seed=1), dict(temperature=0.0, max_tokens=6, ignore_eos=True)
+        first = run(idle, ids, **sampling)[0]
+        assert _until(lambda: idle.stats()["variants_in_memory"] == pinned)
+        assert len(executables) == 1 and idle._decode_shape(5, 1) == largest != small  # wanted: it loads
+        assert run(idle, ids, **sampling)[0] == first
+        assert _until(lambda: idle._compiler.ready(("decode", *small)))
+        assert idle._decode_shape(5, 1) == small and idle.stats()["variants_loaded_again"] >= 1
+        assert run(idle, ids, **sampling)[0] == first
+        assert dict(idle._steps.traces) == before
+
+        shared = Engine(tiny[0], dataclasses.replace(CONFIG, variant_idle_s=0.5)).start()  # engine's shape
+        assert _until(lambda: shared.stats()["variants_in_memory"] == pinned)
+        assert len(engine._steps.prefill._executables) + len(engine._steps.decode._executables) == \
+            engine.stats()["variants_total"]  # the fixture engine still holds them all
+        traces = dict(engine._steps.traces)
+        assert run(engine, prompt(20, seed=2), **sampling)[0] == run(shared, prompt(20, seed=2), **sampling)[0]
+        assert dict(engine._steps.traces) == traces
+    finally:
+        idle.shutdown()
+        if shared is not None:
+            shared.shutdown()
+
+
 def test_memory_measured_from_device_arrays(engine, tiny) -> None:
     stats, config = engine.stats(), tiny[0].config
     assert stats["param_bytes"] == param_bytes(tiny[0].params) > 0
@@ -362,7 +408,7 @@ def test_a_queue_longer_than_the_slots_drains_without_new_submits(tiny) -> None:
     submit (it used to: 20 requests on 2 slots stopped after 4)."""
     checkpoint = tiny[0]
     small = Engine.from_parts(checkpoint.config, checkpoint.params, checkpoint.tokenizer, checkpoint.eos_token_ids,
-                              EngineConfig(max_batch=2, max_seq_len=64, prefill_buckets=[16])).start()
+                              EngineConfig(max_batch=2, max_seq_len=64, prefill_buckets=[16], variant_idle_s=None)).start()
     try:
         requests = [GenerationRequest(prompt(6, seed=i), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
                     for i in range(20)]

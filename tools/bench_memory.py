@@ -3,11 +3,13 @@
     python tools/bench_memory.py
 
 Loads the two demo models in this process as the quickstart server does (GGUF, default
-engine), once with ``engine.warmup=false`` (nothing compiled ahead) and once compiling
-every step variant before ready, each in a fresh subprocess, and prints one table: the
-process RSS after ``import mrs``, after each model loads, the bytes of JAX's live arrays
-(weights, KV pool, decode state) and the step variants compiled. The difference between
-the two runs over the variants compiled is what one compiled variant holds in memory.
+engine), once with ``engine.warmup=false`` (nothing compiled ahead), once compiling every
+step variant before ready and keeping them all, and once more then waiting until the idle
+ones leave memory (``engine.variant_idle_s``, here 1 s), each in a fresh subprocess, and
+prints one table: the process RSS after ``import mrs``, after each model loads (for the
+idle run: after the variants left), the bytes of JAX's live arrays (weights, KV pool,
+decode state), the step variants compiled and those in memory. The difference between
+the first two runs over the variants compiled is what one compiled variant holds in memory.
 Uses the user's compilation cache (``~/.cache/mrs/jax`` or ``JAX_COMPILATION_CACHE_DIR``).
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +27,8 @@ import jax
 import mrs
 
 MODELS = ("smollm2-135m", "gemma3-270m")
+IDLE_SECONDS = 1.0  # the idle run's engine.variant_idle_s
+MODES = {"lazy": "none", "warm": "every variant", "idle": f"every variant, idle ones left ({IDLE_SECONDS:g} s)"}
 
 
 def rss_mib() -> float:
@@ -43,15 +48,22 @@ def live_array_bytes() -> int:
     return sum(buffers.values())
 
 
-def measure(warmup: bool) -> dict:
+def measure(mode: str) -> dict:
     """In this process: RSS after import and after each model, live array bytes, variants."""
     jax.numpy.zeros(1).block_until_ready()
     row = {"import": rss_mib(), "models": []}
     pipelines = []
     for model in MODELS:
-        pipelines.append(mrs.load(model, engine={"warmup": warmup, "compile_in_background": False}))
+        pipelines.append(mrs.load(model, engine={"warmup": mode != "lazy", "compile_in_background": False,
+                                                 "variant_idle_s": IDLE_SECONDS if mode == "idle" else None}))
+        if mode == "idle":  # until no more leave (the engine checks each idle_s)
+            engine, counts = pipelines[-1].engine, []
+            while len(counts) < 3 or counts[-1] != counts[-3]:
+                time.sleep(IDLE_SECONDS)
+                counts.append(engine.stats()["variants_in_memory"])
         stats = pipelines[-1].engine.stats()
-        row["models"].append({"model": model, "rss": rss_mib(), "variants": stats["variants_compiled"]})
+        row["models"].append({"model": model, "rss": rss_mib(), "variants": stats["variants_compiled"],
+                              "in_memory": stats["variants_in_memory"]})
     row["live_arrays"] = live_array_bytes() / 2**20
     for pipeline in pipelines:
         pipeline.engine.shutdown()
@@ -60,24 +72,25 @@ def measure(warmup: bool) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=("lazy", "warm"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child == "warm")))
+        print(json.dumps(measure(args.child)))
         return 0
     rows = {}
-    for mode in ("lazy", "warm"):
+    for mode in MODES:
         print(f"measuring: {mode}", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True, check=True)
         rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     print("\n| warm-up | RSS after import MiB | " + " | ".join(f"RSS after {m} MiB" for m in MODELS)
-          + " | live JAX arrays MiB | step variants compiled |")
-    print("|---|---:|" + "---:|" * (len(MODELS) + 2))
+          + " | live JAX arrays MiB | step variants compiled | in memory |")
+    print("|---|---:|" + "---:|" * (len(MODELS) + 3))
     for mode, row in rows.items():
         after = " | ".join(f"{m['rss']:,.0f}" for m in row["models"])
         variants = sum(m["variants"] for m in row["models"])
-        print(f"| {'none' if mode == 'lazy' else 'every variant'} | {row['import']:,.0f} | {after} | "
-              f"{row['live_arrays']:,.0f} | {variants} |")
+        in_memory = sum(m["in_memory"] for m in row["models"])
+        print(f"| {MODES[mode]} | {row['import']:,.0f} | {after} | {row['live_arrays']:,.0f} | {variants} | "
+              f"{in_memory} |")
     lazy, warm = rows["lazy"]["models"][-1]["rss"], rows["warm"]["models"][-1]["rss"]
     variants = sum(m["variants"] for m in rows["warm"]["models"])
     print(f"\ncompiled variants: {warm - lazy:,.0f} MiB of RSS for {variants}, {(warm - lazy) / variants:.0f} MiB each")

@@ -65,6 +65,9 @@ class EngineConfig:
     # Report ready once the largest variants compile and compile the rest while serving
     # (mrs.engine.compiler); false: compile every variant before reporting ready.
     compile_in_background: bool = True
+    # A step variant not run for this long leaves memory (the executable cache keeps it; it
+    # loads again in the background when wanted). None: every compiled variant stays.
+    variant_idle_s: float | None = 60.0
 
 
 @dataclass

@@ -9,12 +9,19 @@ background thread while the engine serves, and the engine runs each step in the 
 variant that is ready (``ready``). Steps that can only compile by running
 (``mrs.engine.placed``: a stage's inputs are the previous stage's outputs) compile
 everything before the engine reports ready.
+
+Each variant holds tens of MiB, so with ``idle_seconds`` a variant that has not run for
+that long leaves memory when the executable cache (``mrs.engine.executable_cache``) holds
+it (``drop_idle``, on the engine's thread), and the worker thread loads it again (about
+half a second) once the engine wants it (``want``); a larger variant serves meanwhile.
+The largest ones always stay.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import queue
 import threading
 import time
 import weakref
@@ -66,43 +73,57 @@ def _spec(x: Any) -> Any:
 
 
 class StepCompiler:
-    """Compiles an engine's step variants, first in the foreground, then in the background."""
+    """Compiles an engine's step variants, first in the foreground, then in the background,
+    and keeps in memory those in use (see the module docstring)."""
 
-    def __init__(self, steps: Any, params: Any, source: str) -> None:
+    def __init__(self, steps: Any, params: Any, source: str, idle_seconds: float | None = None) -> None:
         self._steps = steps
         self._params = params
         self._source = source
-        self._ready: set[tuple[Any, ...]] = set()
+        self._idle_seconds = idle_seconds
+        self._ready: dict[tuple[Any, ...], float] = {}  # variants in memory -> when last wanted
+        self._variants: dict[tuple[Any, ...], Variant] = {}  # every compiled one, to drop or load it again
+        self._pinned: set[tuple[Any, ...]] = set()  # never dropped: the largest, and those not on disk
+        self._dropped: set[tuple[Any, ...]] = set()  # on disk only; each wanted one is queued once
+        self._loads: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._spec: Any = None  # the state's shapes: the worker compiles and loads from them
+        self._next_drop = 0.0
         self._finished = threading.Event()
         self._finished.set()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.total = 0
         self.compiled = 0
+        self.loaded = 0  # variants loaded again after being dropped
         self.seconds = 0.0  # compiling, foreground and background together
 
     def ready(self, key: tuple[Any, ...]) -> bool:
         return key in self._ready
 
     @property
+    def in_memory(self) -> int:
+        return len(self._ready)
+
+    @property
     def finished(self) -> bool:
         return self._finished.is_set()
 
-    def compile(self, state: Any, foreground: list[Variant], background: list[Variant]) -> Any:
-        """Compile ``foreground`` now, on this thread, then start ``background`` on its own
-        thread if the steps can compile without running (else compile them now too).
-        Returns the state (steps that compile by running leave it changed)."""
-        self.total = len(foreground) + len(background)
+    def compile(self, state: Any, largest: list[Variant], rest: list[Variant], background: bool = True) -> Any:
+        """Compile ``largest`` now, on this thread, and ``rest`` on a worker thread if
+        ``background`` and the steps can compile without running (else now too). Returns
+        the state (steps that compile by running leave it changed)."""
+        self.total = len(largest) + len(rest)
         off_thread = getattr(self._steps, "compiles_without_running", False)
-        if not off_thread:
-            foreground, background = foreground + background, []
+        foreground, rest = (largest, rest) if background and off_thread else (largest + rest, [])
         begin = time.perf_counter()
         state = self._compile_all(state, foreground, begin, threading.Event())
+        self._pinned.update(variant_key(*variant) for variant in largest)
+        if not off_thread or self._idle_seconds is None:
+            self._pinned.update(self._ready)  # nothing to load them again with
         release_free_heap()  # what compiling freed (each compile's scratch stays in the C heap)
-        if background and not self._stopping.is_set():
-            spec = jax.tree.map(_spec, state)
-            thread = threading.Thread(target=self._background, args=(spec, background), daemon=True,
-                                      name="mrs-compile")
+        if off_thread and (rest or self._idle_seconds is not None) and not self._stopping.is_set():
+            self._spec = jax.tree.map(_spec, state)
+            thread = threading.Thread(target=self._work, args=(rest,), daemon=True, name="mrs-compile")
             _register_exit_hook()
             self._finished.clear()
             thread.start()
@@ -110,34 +131,93 @@ class StepCompiler:
             _compiling.add(self)
         return state
 
+    def want(self, key: tuple[Any, ...]) -> None:
+        """The engine would run this variant now: keep it in memory, or load it again if it was dropped."""
+        if key in self._ready:
+            self._ready[key] = time.monotonic()
+        elif key in self._dropped:
+            self._dropped.discard(key)
+            self._loads.put(key)
+
+    def drop_idle(self) -> float | None:
+        """Drop from memory the variants not wanted for ``idle_seconds`` (on the engine's thread,
+        between its steps: no call of them is in flight). Returns how long until the next
+        may be due (None: never)."""
+        if self._idle_seconds is None:
+            return None
+        now = time.monotonic()
+        if now < self._next_drop:
+            return self._next_drop - now
+        dropped, due = 0, now + self._idle_seconds
+        for key, wanted in list(self._ready.items()):
+            if key in self._pinned:
+                continue
+            if wanted + self._idle_seconds > now:
+                due = min(due, wanted + self._idle_seconds)
+            elif self._forget(key):
+                del self._ready[key]
+                self._dropped.add(key)
+                dropped += 1
+            else:  # not in the executable cache: it could not come back without a compile
+                self._pinned.add(key)
+        if dropped:
+            release_free_heap()
+            log.debug("%s: %d idle step variants dropped from memory, %d kept", self._source, dropped,
+                      len(self._ready))
+        self._next_drop = due
+        return due - now
+
+    def _forget(self, key: tuple[Any, ...]) -> bool:
+        step, args, kwargs = self._variants[key]
+        return self._steps.forget(step, self._params, self._spec, *args, **kwargs)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the background compile ends; whether every variant is compiled."""
         return self._finished.wait(timeout) and self.compiled == self.total
 
     def stop(self, timeout: float | None = 0.0) -> None:
-        """Compile nothing more in the background; wait up to ``timeout`` seconds (None: as
-        long as it takes) for the variant being compiled."""
+        """Compile or load nothing more; wait up to ``timeout`` seconds (None: as long as it
+        takes) for the variant in hand."""
         self._stopping.set()
-        if not self._finished.wait(timeout):
+        self._loads.put(None)  # wakes the worker
+        if not self._finished.is_set():
             log.info("%s: a step variant is still compiling; it stops after this one", self._source)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
-    def _background(self, spec: Any, variants: list[Variant]) -> None:
+    def _work(self, variants: list[Variant]) -> None:
+        """The worker thread: compile ``variants``, then load dropped ones as they are wanted."""
         try:
-            self._compile_all(spec, variants, time.perf_counter(), self._stopping)
+            self._compile_all(self._spec, variants, time.perf_counter(), self._stopping)
         except Exception:  # the engine keeps serving with the variants it has
             log.exception("background compile of %s failed", self._source)
         finally:
             release_free_heap()
             self._finished.set()
+        # Idle from now on: the first compiled must not leave before the last one is ready.
+        self._ready.update(dict.fromkeys(list(self._ready), time.monotonic()))
+        while (key := self._loads.get()) is not None and not self._stopping.is_set():
+            try:
+                self._warm(self._spec, self._variants[key])
+                self.loaded += 1
+            except Exception:  # larger variants keep serving; this one stays out
+                log.exception("loading a step variant of %s failed", self._source)
+
+    def _warm(self, state: Any, variant: Variant) -> Any:
+        step, args, kwargs = variant
+        state = self._steps.warm(step, self._params, state, *args, **kwargs)
+        key = variant_key(*variant)
+        self._variants[key] = variant
+        self._ready[key] = time.monotonic()
+        return state
 
     def _compile_all(self, state: Any, variants: list[Variant], begin: float, stop: threading.Event) -> Any:
         logged = begin
-        for step, args, kwargs in variants:
+        for variant in variants:
             if stop.is_set():
                 break
             started = time.perf_counter()
-            state = self._steps.warm(step, self._params, state, *args, **kwargs)
-            self._ready.add(variant_key(step, args, kwargs))
+            state = self._warm(state, variant)
             self.compiled += 1
             now = time.perf_counter()
             self.seconds += now - started

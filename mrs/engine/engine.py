@@ -114,7 +114,7 @@ class Engine:
         # one attention length per batch bucket then (a third of the decode variants to compile and hold).
         self._decode_kv_buckets = [self.context_limit] if self._steps.decode_reads_lengths else self._kv_buckets
         self._params = self._steps.place_params(checkpoint.params)
-        self._compiler = StepCompiler(self._steps, self._params, checkpoint.source)
+        self._compiler = StepCompiler(self._steps, self._params, checkpoint.source, self.config.variant_idle_s)
         # Measured once: the parameters never change, and walking their ~500 device
         # buffers took ~6 ms per stats() call (the status endpoint, load-test pollers).
         self._param_bytes = param_bytes(self._params) + (param_bytes(self._vision_params) if self._vision else 0)
@@ -232,6 +232,8 @@ class Engine:
             "compile_s": self._compiler.seconds,
             "variants_compiled": self._compiler.compiled,
             "variants_total": self._compiler.total,
+            "variants_in_memory": self._compiler.in_memory,
+            "variants_loaded_again": self._compiler.loaded,
             "compiles": sum(self._steps.traces.values()) + (sum(self._encode.traces.values()) if self._encode else 0),
             "grammar_host_s": self._grammar_seconds,
             "param_bytes": self._param_bytes,
@@ -293,8 +295,9 @@ class Engine:
                 continue
             # Sleep unless the last step's collection just freed room for a waiting request: no
             # submit is coming to wake the thread then (it used to sleep with a full queue).
+            idle_check = self._compiler.drop_idle()  # seconds until it may drop another variant
             if pending is None and not admitted and not self._scheduler.admissible():
-                self._wake.wait()
+                self._wake.wait(idle_check)
                 self._wake.clear()
         self._close()
 
@@ -312,9 +315,7 @@ class Engine:
         if self._encode is not None:
             self._encode.warm(self._vision_params)
         largest, rest = self._variants()
-        if not self.config.compile_in_background:
-            largest, rest = largest + rest, []
-        self._state = self._compiler.compile(self._state, largest, rest)
+        self._state = self._compiler.compile(self._state, largest, rest, self.config.compile_in_background)
         jax.block_until_ready(self._state)
         self._state = self._steps.init_state()
         self._pages.release(0)
@@ -383,18 +384,24 @@ class Engine:
 
     def _prefill_shape(self, start: int, length: int, scored: bool, image: bool) -> tuple[int, int]:
         """The chunk length and attention length a chunk padded to ``length`` runs with: its
-        own, or while the background compile has not reached it, the largest (compiled first)."""
+        own, or while the background compile has not reached it (or it loads again after an idle
+        spell: ``mrs.engine.compiler``), the largest (compiled first, always in memory)."""
         kv_len = self._prefill_kv_len(start, length)
-        if self._compiled(("prefill", length, kv_len, scored, image)):
+        key = ("prefill", length, kv_len, scored, image)
+        self._compiler.want(key)
+        if self._compiled(key):
             return length, kv_len
         return self._prefill_buckets[-1], self._kv_buckets[-1]
 
     def _decode_shape(self, longest: int, rows: int) -> tuple[int, int]:
         """The attention length and batch rows of a decode step for these sequences: the
-        smallest compiled buckets that hold them (the largest are compiled first)."""
+        smallest buckets in memory that hold them (the largest are compiled first and stay)."""
         kv_len, rows = bucket_for(longest, self._decode_kv_buckets), bucket_for(rows, self._batch_buckets)
-        return next((k, r) for r in self._batch_buckets if r >= rows for k in self._decode_kv_buckets
-                    if k >= kv_len and self._compiled(("decode", k, r)))
+        self._compiler.want(("decode", kv_len, rows))
+        kv_len, rows = next((k, r) for r in self._batch_buckets if r >= rows for k in self._decode_kv_buckets
+                            if k >= kv_len and self._compiled(("decode", k, r)))
+        self._compiler.want(("decode", kv_len, rows))  # the one that serves meanwhile stays too
+        return kv_len, rows
 
     def _chunk_length(self, start: int, tokens: int, plain: bool) -> int:
         """The padded length of a prompt chunk of ``tokens`` tokens at ``start``: the first

@@ -70,14 +70,19 @@ def versioned(fn: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
-def _environment() -> tuple[Any, ...]:
-    """What besides mrs's source shapes a compiled step (read on each compile: tests and
-    callers switch the native kernels or JAX's options at run time)."""
+@functools.cache
+def _machine() -> tuple[Any, ...]:
+    """What shapes a compiled step and stays fixed for the process: versions, backend, devices, CPU."""
     backend = jax.devices()[0].client
-    options = {name: value for name, value in jax.config.values.items() if "cache" not in name}
     return (jax.__version__, jaxlib.__version__, jax.default_backend(), backend.platform_version,
-            [(d.id, d.device_kind) for d in jax.devices()], sorted(native.cpu_flags()),
-            native.available(), native.kernels_allowed(), os.environ.get("XLA_FLAGS", ""),
+            [(d.id, d.device_kind) for d in jax.devices()], sorted(native.cpu_flags()))
+
+
+def _environment() -> tuple[Any, ...]:
+    """What besides mrs's source shapes a compiled step (the switches read on each compile:
+    tests and callers change the native kernels or JAX's options at run time)."""
+    options = {name: value for name, value in jax.config.values.items() if "cache" not in name}
+    return (_machine(), native.available(), native.kernels_allowed(), os.environ.get("XLA_FLAGS", ""),
             sorted((name, repr(value)) for name, value in options.items()))
 
 
@@ -85,9 +90,10 @@ def _input_spec(x: Any) -> tuple[Any, ...]:
     """An input's type: shape, dtype, weak type and placement (when committed)."""
     if not hasattr(x, "shape"):  # a Python scalar: traced by its type
         return (type(x).__name__,)
-    sharding = x.sharding if getattr(x, "committed", getattr(x, "sharding", None) is not None) else None
+    # An array says whether it is committed; a ShapeDtypeStruct's sharding is a placement.
+    committed = x.committed if hasattr(x, "committed") else getattr(x, "sharding", None) is not None
     return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)),
-            None if sharding is None else repr(sharding))
+            repr(x.sharding) if committed else None)
 
 
 def _single_device(x: Any) -> bool:
@@ -113,21 +119,20 @@ def key(fingerprint: str, args: tuple[Any, ...], kwargs: dict[str, Any], static:
     return hashlib.sha256(repr(described).encode()).hexdigest()
 
 
-def load_or_compile(entry: str | None, compile_step: Callable[[], Any]) -> Any:
-    """The executable stored under ``entry``, else ``compile_step()``'s (then stored)."""
+def load_or_compile(entry: str | None, compile_step: Callable[[], Any]) -> tuple[Any, bool]:
+    """The executable stored under ``entry``, else ``compile_step()``'s (then stored); and
+    whether the entry now holds it (so that it can be dropped from memory and loaded again)."""
     if entry is None:
-        return compile_step()
+        return compile_step(), False
     folder = _folder()
     assert folder is not None
     path = folder / f"{entry}.bin"
     executable = _load(path)
     if executable is not None:
-        return executable
+        return executable, True
     _thread.jax_cache_hit = False
     executable = compile_step()
-    if not _thread.jax_cache_hit:
-        _store(path, executable)
-    return executable
+    return executable, not _thread.jax_cache_hit and _store(path, executable)
 
 
 def _load(path: Path) -> Any:
@@ -145,7 +150,8 @@ def _load(path: Path) -> Any:
         return None
 
 
-def _store(path: Path, executable: Any) -> None:
+def _store(path: Path, executable: Any) -> bool:
+    """Write ``executable`` under ``path``; whether it was written."""
     try:
         blob = zlib.compress(pickle.dumps(serialize_executable.serialize(executable)), 1)
         new_version = not path.parent.exists()
@@ -155,8 +161,10 @@ def _store(path: Path, executable: Any) -> None:
         os.replace(file.name, path)
         if new_version:
             _prune(path.parent.parent)
+        return True
     except Exception as error:  # not serializable (constants, unpicklable trees) or not writable: only slower
         log.debug("executable not cached (%s): %s", path.name, error)
+        return False
 
 
 def _prune(root: Path) -> None:

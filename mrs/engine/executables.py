@@ -11,6 +11,8 @@ through ``jax.jit`` (tracing and compiling it on first use), as before.
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from typing import Any, Callable
 
 import jax
@@ -31,7 +33,9 @@ class CompiledStep:
     """``jitted`` (a ``jax.jit`` of ``(*fixed, *args, **kwargs)``) plus its compiled variants.
 
     The first ``fixed`` arguments (parameters, state) have one shape per engine; a variant
-    is the types of the rest and the values of the ``static`` keywords.
+    is the types of the rest and the values of the ``static`` keywords. Engines of one shape
+    share their steps (``mrs.engine.placed``), so a variant leaves memory only when every
+    engine that compiled it has let it go (``forget``).
     """
 
     def __init__(self, jitted: Callable[..., Any], fixed: int, static: frozenset[str],
@@ -41,6 +45,9 @@ class CompiledStep:
         self._static = static
         self._fingerprint = fingerprint  # what else the step depends on; None: not kept on disk
         self._executables: dict[tuple[Any, ...], Any] = {}
+        self._kept: set[tuple[Any, ...]] = set()  # variants the executable cache holds
+        self._holders: Counter[tuple[Any, ...]] = Counter()  # compiles of each variant not yet forgotten
+        self._lock = threading.Lock()  # engines compile and forget on their own threads
 
     def _variant(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
@@ -63,7 +70,25 @@ class CompiledStep:
         caches forget its lowered module."""
         entry = None if self._fingerprint is None else executable_cache.key(self._fingerprint, args, kwargs,
                                                                              self._static)
-        executable = executable_cache.load_or_compile(entry, lambda: self._jitted.lower(*args, **kwargs).compile())
+        executable, kept = executable_cache.load_or_compile(entry, lambda: self._jitted.lower(*args, **kwargs).compile())
         # Another thread's lowering in flight holds its own module: emptying the caches is safe.
         release_lowered_modules()
-        self._executables[self._variant(args, kwargs)] = executable
+        variant = self._variant(args, kwargs)
+        with self._lock:
+            self._executables[variant] = executable
+            self._holders[variant] += 1
+            if kept:
+                self._kept.add(variant)
+
+    def forget(self, *args: Any, **kwargs: Any) -> bool:
+        """Drop the variant these arguments select from memory if the executable cache holds
+        it (``compile`` loads it again), once no other engine holds it; whether this caller let
+        it go. The caller makes sure that none of its own calls of it is in flight."""
+        variant = self._variant(args, kwargs)
+        with self._lock:
+            if variant not in self._kept or self._holders[variant] == 0:
+                return False
+            self._holders[variant] -= 1
+            if self._holders[variant] == 0:
+                del self._executables[variant]
+            return True

@@ -157,6 +157,11 @@ class Steps:
         getattr(self, step).compile(params, state, *args, **kwargs)
         return state
 
+    def forget(self, step: str, params: Any, state: DecodeState, *args: Any, **kwargs: Any) -> bool:
+        """Drop the variant of ``step`` that ``warm`` compiled for these arguments from memory,
+        if the executable cache holds it (a later ``warm`` loads it); whether it was dropped."""
+        return getattr(self, step).forget(params, state, *args, **kwargs)
+
     def place_params(self, params: Any) -> Any:
         """The parameters as the steps take them: here, on the default device, uncommitted."""
         return jax.device_put(params)

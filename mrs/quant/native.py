@@ -56,13 +56,14 @@ TARGETS = {"mrs_qmatmul": "MrsQMatmul", "mrs_decode_attention": "MrsDecodeAttent
 _tracing = threading.local()  # per thread: each model's engine traces its steps in its own thread
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
 def _compiler() -> str | None:
