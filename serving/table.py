@@ -238,9 +238,10 @@ class ModelTable:
         memory = self.memory(model_id)
         card["memory"] = memory or ({"estimated_bytes": row.bytes} if row.bytes else None)
         served = row.served  # read once: an unload may clear it meanwhile
-        if served is not None:  # step variants compiled so far (the rest compile in the background)
+        if served is not None:  # step variants compiled so far (the rest compile in the background), and held
             stats = served.stats()
-            card["compiled"] = {"variants": stats["variants_compiled"], "total": stats["variants_total"]}
+            card["compiled"] = {"variants": stats["variants_compiled"], "total": stats["variants_total"],
+                                "in_memory": stats["variants_in_memory"]}
         return card
 
     @property

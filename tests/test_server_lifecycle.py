@@ -66,6 +66,7 @@ def test_cards_show_each_models_state(server: Server) -> None:
     a, lazy = cards(server.url)["a"], cards(server.url)["lazy"]
     assert a["status"] == "loaded" and a["pinned"] is False and a["expires_at"] is None
     assert a["memory"]["param_bytes"] > 0 and a["memory"]["kv_cache_bytes"] > 0 and a["last_used"] > 0
+    assert 0 < a["compiled"]["in_memory"] <= a["compiled"]["total"]
     assert lazy["status"] == "unloaded" and lazy["memory"] is None
 
 

@@ -88,6 +88,7 @@ class StepCompiler:
         self._loads: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._spec: Any = None  # the state's shapes: the worker compiles and loads from them
         self._next_drop = 0.0
+        self._lock = threading.Lock()  # the worker adds to _ready while the engine's thread drops
         self._finished = threading.Event()
         self._finished.set()
         self._stopping = threading.Event()
@@ -118,6 +119,7 @@ class StepCompiler:
         begin = time.perf_counter()
         state = self._compile_all(state, foreground, begin, threading.Event())
         self._pinned.update(variant_key(*variant) for variant in largest)
+        self._touch_all()
         if not off_thread or self._idle_seconds is None:
             self._pinned.update(self._ready)  # nothing to load them again with
         release_free_heap()  # what compiling freed (each compile's scratch stays in the C heap)
@@ -141,25 +143,25 @@ class StepCompiler:
 
     def drop_idle(self) -> float | None:
         """Drop from memory the variants not wanted for ``idle_seconds`` (on the engine's thread,
-        between its steps: no call of them is in flight). Returns how long until the next
-        may be due (None: never)."""
+        with no step in flight). Returns how long until the next may be due (None: never)."""
         if self._idle_seconds is None:
             return None
         now = time.monotonic()
         if now < self._next_drop:
             return self._next_drop - now
         dropped, due = 0, now + self._idle_seconds
-        for key, wanted in list(self._ready.items()):
-            if key in self._pinned:
-                continue
-            if wanted + self._idle_seconds > now:
-                due = min(due, wanted + self._idle_seconds)
-            elif self._forget(key):
-                del self._ready[key]
-                self._dropped.add(key)
-                dropped += 1
-            else:  # not in the executable cache: it could not come back without a compile
-                self._pinned.add(key)
+        with self._lock:
+            for key, wanted in list(self._ready.items()):
+                if key in self._pinned:
+                    continue
+                if wanted + self._idle_seconds > now:
+                    due = min(due, wanted + self._idle_seconds)
+                elif self._forget(key):
+                    del self._ready[key]
+                    self._dropped.add(key)
+                    dropped += 1
+                else:  # not in the executable cache: it could not come back without a compile
+                    self._pinned.add(key)
         if dropped:
             release_free_heap()
             log.debug("%s: %d idle step variants dropped from memory, %d kept", self._source, dropped,
@@ -194,8 +196,7 @@ class StepCompiler:
         finally:
             release_free_heap()
             self._finished.set()
-        # Idle from now on: the first compiled must not leave before the last one is ready.
-        self._ready.update(dict.fromkeys(list(self._ready), time.monotonic()))
+        self._touch_all()
         while (key := self._loads.get()) is not None and not self._stopping.is_set():
             try:
                 self._warm(self._spec, self._variants[key])
@@ -203,12 +204,18 @@ class StepCompiler:
             except Exception:  # larger variants keep serving; this one stays out
                 log.exception("loading a step variant of %s failed", self._source)
 
+    def _touch_all(self) -> None:
+        """Idle from now on: the first variants compiled must not leave before the last is ready."""
+        with self._lock:
+            self._ready.update(dict.fromkeys(self._ready, time.monotonic()))
+
     def _warm(self, state: Any, variant: Variant) -> Any:
         step, args, kwargs = variant
         state = self._steps.warm(step, self._params, state, *args, **kwargs)
         key = variant_key(*variant)
         self._variants[key] = variant
-        self._ready[key] = time.monotonic()
+        with self._lock:
+            self._ready[key] = time.monotonic()
         return state
 
     def _compile_all(self, state: Any, variants: list[Variant], begin: float, stop: threading.Event) -> Any:

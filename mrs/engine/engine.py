@@ -295,7 +295,8 @@ class Engine:
                 continue
             # Sleep unless the last step's collection just freed room for a waiting request: no
             # submit is coming to wake the thread then (it used to sleep with a full queue).
-            idle_check = self._compiler.drop_idle()  # seconds until it may drop another variant
+            # Only with no step in flight: a dropped variant's executable must not be running.
+            idle_check = self._compiler.drop_idle() if pending is None else None
             if pending is None and not admitted and not self._scheduler.admissible():
                 self._wake.wait(idle_check)
                 self._wake.clear()
