@@ -5,9 +5,11 @@ token of a request whose long prefix an earlier one already prefilled.
 
 1. The quickstart server (``mrs serve models=[smollm2-135m,gemma3-270m]``, default engine:
    16 slots, 2,048-token context) idle once both models are loaded: its RSS and each
-   model's KV bytes and pages from ``/v1/models/status``; with the default pool
-   (``engine.kv_tokens=8192``) and with a pool as large as the per-slot cache it replaces
-   (16 x 2,048 = 32,768 tokens, what every model allocated before paging).
+   model's KV bytes and pages from ``/v1/models/status``, when every step variant has
+   compiled and again once the idle ones have left memory (``engine.variant_idle_s``, 60 s
+   by default); with the default pool (``engine.kv_tokens=8192``) and with a pool as large
+   as the per-slot cache it replaces (16 x 2,048 = 32,768 tokens, what every model
+   allocated before paging).
 2. ``mrs-server gguf`` on the demo SmolLM2 (default engine), with the prefix cache and with
    ``--no-prefix-cache``: a streamed chat request whose system prompt is roughly
    ``--prefix-tokens`` tokens (a word-count estimate that runs low: 1,500 gave prompts of
@@ -29,6 +31,7 @@ from pathlib import Path
 import httpx
 from servers import free_port, rss_mib, running
 
+from mrs.config.schema import EngineConfig
 from mrs.fetch import DEMO_MODELS, fetch, models_dir
 
 BIN = Path(sys.executable).parent
@@ -56,7 +59,11 @@ def idle_memory(kv_tokens: int, log: Path) -> dict:
         time.sleep(5)  # let the loads' transient buffers go
         models = [m["id"] for m in httpx.get(f"{proc.url}/v1/models").json()["data"]]
         memory = {m: httpx.post(f"{proc.url}/v1/models/status", json={"model_id": m}).json()["memory"] for m in models}
-        return {"rss_mib": rss_mib(proc.pid), "memory": memory}
+        compiled_rss = rss_mib(proc.pid)
+        time.sleep(EngineConfig.variant_idle_s + 10)  # the idle variants leave memory
+        cards = [httpx.post(f"{proc.url}/v1/models/status", json={"model_id": m}).json()["compiled"] for m in models]
+        return {"rss_mib": compiled_rss, "idle_rss_mib": rss_mib(proc.pid), "memory": memory,
+                "variants": sum(c["total"] for c in cards), "in_memory": sum(c["in_memory"] for c in cards)}
 
 
 def _system_prompt(trial: int, tokens: int) -> str:
@@ -115,12 +122,14 @@ def main() -> int:
             print(f"SmolLM2, prefix cache {'on' if cache else 'off'} ...", file=sys.stderr, flush=True)
             prefix[cache] = shared_prefix(cache, args, Path(tmp) / f"prefix-{cache}.log")
     print("\nThe idle quickstart server (both demo models loaded, 16 slots, 2,048-token context):\n")
-    print("| KV pool per model | RSS MiB | SmolLM2 KV MiB (pages) | Gemma 3 KV MiB (pages) |\n|---|---:|---:|---:|")
+    print("| KV pool per model | RSS MiB, every variant compiled | RSS MiB, idle variants left (in memory / "
+          "compiled) | SmolLM2 KV MiB (pages) | Gemma 3 KV MiB (pages) |\n|---|---:|---:|---:|---:|")
     for kv_tokens, row in memory.items():
         cells = [f"{m['kv_cache_bytes'] / 2**20:.0f} ({m['kv_pages_total']} x {m['kv_page_size']})"
                  for m in row["memory"].values()]
         label = f"{kv_tokens} tokens" + (" (default)" if kv_tokens == 8192 else " (= the per-slot cache before paging)")
-        print(f"| {label} | {row['rss_mib']:.0f} | " + " | ".join(cells) + " |")
+        print(f"| {label} | {row['rss_mib']:.0f} | {row['idle_rss_mib']:.0f} ({row['in_memory']} / {row['variants']}) | "
+              + " | ".join(cells) + " |")
     on, off = prefix[True], prefix[False]
     print(f"\nSmolLM2 Q4_1, a second request sharing a {on['prompt']}-token chat prompt's system part "
           f"(median of {args.trials}):\n")

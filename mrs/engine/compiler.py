@@ -19,16 +19,15 @@ The largest ones always stay.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import queue
 import threading
 import time
-import weakref
 from typing import Any
 
 import jax
 
+from mrs.engine.at_exit import StopAtExit
 from mrs.heap import release_free_heap
 
 log = logging.getLogger(__name__)
@@ -37,24 +36,9 @@ PROGRESS_LOG_SECONDS = 10.0  # at most one progress line per this many seconds o
 Variant = tuple[str, tuple[Any, ...], dict[str, Any]]  # (step, its arguments after params and state, keywords)
 
 
-_compiling: weakref.WeakSet[StepCompiler] = weakref.WeakSet()  # those with a background thread
-_exit_hook_registered = False
-
-
-def _stop_at_exit() -> None:
-    """Stop every background compile and wait for the variant in flight: one still compiling
-    when the interpreter tears XLA down aborts the process (a one-shot ``mrs generate``)."""
-    for compiler in list(_compiling):
-        compiler.stop(timeout=None)
-
-
-def _register_exit_hook() -> None:
-    # Registered once JAX's backend exists: atexit runs last-registered first, so this runs
-    # before JAX's own clean-up.
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_stop_at_exit)
-        _exit_hook_registered = True
+# The worker stops at interpreter exit, after the variant in hand: one still compiling when
+# the interpreter tears XLA down aborts the process (a one-shot ``mrs generate``).
+_compiling: StopAtExit[StepCompiler] = StopAtExit(lambda compiler: compiler.stop(timeout=None))
 
 
 def variant_key(step: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -126,7 +110,6 @@ class StepCompiler:
         if off_thread and (rest or self._idle_seconds is not None) and not self._stopping.is_set():
             self._spec = jax.tree.map(_spec, state)
             thread = threading.Thread(target=self._work, args=(rest,), daemon=True, name="mrs-compile")
-            _register_exit_hook()
             self._finished.clear()
             thread.start()
             self._thread = thread

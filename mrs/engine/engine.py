@@ -24,13 +24,11 @@ beyond that; with no constrained slot the loop is unchanged.
 
 from __future__ import annotations
 
-import atexit
 import bisect
 import logging
 import secrets
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +37,7 @@ import numpy as np
 
 from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
+from mrs.engine.at_exit import StopAtExit
 from mrs.engine.compiler import StepCompiler, Variant, variant_key
 from mrs.engine.detokenizer import IncrementalDetokenizer
 from mrs.engine.grammar import GrammarEngine
@@ -61,14 +60,8 @@ from mrs.quant.memory import cache_bytes, param_bytes
 log = logging.getLogger(__name__)
 
 
-_running: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose thread has started
-
-
-def _shutdown_at_exit() -> None:
-    """Stop every engine thread before the interpreter finalizes: a daemon engine thread still
-    dropping a step's arrays then aborts the process ("FATAL: exception not rethrown")."""
-    for engine in list(_running):
-        engine.shutdown(timeout=10.0)
+# Engine threads stop at interpreter exit: one still dropping a step's arrays then aborts the process.
+_running: StopAtExit[Engine] = StopAtExit(lambda engine: engine.shutdown(timeout=10.0))
 
 
 @dataclass
@@ -158,9 +151,6 @@ class Engine:
         compiled, or with ``compile_in_background`` the largest ones (see ``wait_compiled``)."""
         if self._thread is None:
             enable_persistent_cache()
-            # Registered once, last: atexit runs last-registered first, so before JAX's clean-up.
-            atexit.unregister(_shutdown_at_exit)
-            atexit.register(_shutdown_at_exit)
             _running.add(self)
             self._thread = threading.Thread(target=self._run, name="mrs-engine", daemon=True)
             self._thread.start()

@@ -113,8 +113,17 @@ class _Cursor:
 class GGUFFile:
     """A parsed GGUF file: metadata lookups and tensors by name."""
 
-    def __init__(self, path: Path, metadata: dict[str, Any], tensors: dict[str, GGUFTensor]) -> None:
+    def __init__(self, path: Path, metadata: dict[str, Any], tensors: dict[str, GGUFTensor],
+                 buf: mmap.mmap | None = None) -> None:
         self.path, self.metadata, self.tensors = path, metadata, tensors
+        self._buf = buf  # the file's mapping, which the tensors view
+
+    def release_pages(self) -> None:
+        """Take the file's pages out of this process's resident memory once the weights are
+        converted: arrays still viewing the file (JAX may alias a plain tensor on CPU) read
+        them back from the page cache when next touched."""
+        if self._buf is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._buf.madvise(mmap.MADV_DONTNEED)
 
     def has(self, key: str) -> bool:
         return key in self.metadata
@@ -170,7 +179,7 @@ def _parse(path: Path, buf: mmap.mmap) -> GGUFFile:
     alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {name: _tensor(buf, data_start, name, dims, kind, offset) for name, dims, kind, offset in table}
-    return GGUFFile(path, metadata, tensors)
+    return GGUFFile(path, metadata, tensors, buf)
 
 
 def _tensor(buf: mmap.mmap, data_start: int, name: str, dims: tuple[int, ...], kind: GGMLQuantizationType,
