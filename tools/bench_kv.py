@@ -61,7 +61,7 @@ def idle_memory(kv_tokens: int, log: Path) -> dict:
         memory = {m: httpx.post(f"{proc.url}/v1/models/status", json={"model_id": m}).json()["memory"] for m in models}
         compiled_rss = rss_mib(proc.pid)
         time.sleep(EngineConfig.variant_idle_s + 10)  # the idle variants leave memory
-        cards = [httpx.post(f"{proc.url}/v1/models/status", json={"model_id": m}).json()["compiled"] for m in models]
+        cards = [card["compiled"] for card in httpx.get(f"{proc.url}/v1/models").json()["data"]]
         return {"rss_mib": compiled_rss, "idle_rss_mib": rss_mib(proc.pid), "memory": memory,
                 "variants": sum(c["total"] for c in cards), "in_memory": sum(c["in_memory"] for c in cards)}
 
