@@ -108,6 +108,12 @@ def test_seed_cli_single_model_forms() -> None:
     config = _cli("--port", "4321", "--max-seqs", "4", "plain", "-m", "microsoft/DialoGPT-medium", "-a", "gpt2")
     (entry,) = config.models
     assert config.server.port == 4321 and config.engine.max_batch == 4
+    assert config.engine.variant_idle_s == 60.0  # idle step variants leave memory by default
+    assert _cli("--variant-idle", "-1", "gguf", "-m", "x.gguf").engine.variant_idle_s is None
+    assert _cli("--variant-idle", "5", "gguf", "-m", "x.gguf").engine.variant_idle_s == 5.0
+    assert serve_config(["model=smollm2-135m", "engine.variant_idle_s=null"]).engine.variant_idle_s is None
+    with pytest.raises(ConfigError, match="variant_idle_s"):
+        serve_config(["model=smollm2-135m", "engine.variant_idle_s=-5"])
     assert entry.model_id == "microsoft/DialoGPT-medium" and entry.model.arch == "gpt2" and entry.model.kind == PLAIN
     config = _cli("--isq", "Q8_0", "gguf", "-m", "/models", "-f", "x.gguf", "-t", "tok/repo", "--dtype", "bfloat16")
     (entry,) = config.models
