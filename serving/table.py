@@ -34,7 +34,8 @@ from mrs.pipeline import Pipeline, load
 from serving.memory import MemoryBudget
 
 # What /v1/models/status reports of a loaded model's engine stats.
-MEMORY_STATS = ("param_bytes", "kv_cache_bytes", "kv_pages_total", "kv_pages_used", "kv_page_size")
+MEMORY_STATS = ("param_bytes", "kv_cache_bytes", "kv_resident_bytes", "kv_pages_total", "kv_pages_used",
+                "kv_pages_cached", "kv_page_size")
 log = logging.getLogger(__name__)
 
 LOADING, LOADED, UNLOADED, EVICTED, FAILED = "loading", "loaded", "unloaded", "evicted", "failed"

@@ -4,8 +4,13 @@ random Llama with pools small enough that sequences span many pages and must que
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import mmap
+import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_engine_tiny import hf_greedy, prompt, run, run_many
@@ -18,7 +23,7 @@ from mrs.engine.kv_pages import PagePool, prefix_hashes
 from mrs.engine.types import Finish, GenerationRequest, SamplingParams, TokenDelta
 from mrs.errors import ConfigError
 from mrs.models.config import ModelConfig
-from mrs.models.kv_cache import NO_PAGE, KVGeometry, geometry
+from mrs.models.kv_cache import NO_PAGE, KVGeometry, discard, geometry
 
 
 def _held(pool: PagePool) -> list[int]:
@@ -95,6 +100,59 @@ def test_prefix_pages_are_shared_kept_while_idle_and_reused_least_recent_first()
     assert pool.cached == 0 and pool.match(names_a, len(a)) == []
     pool.release(0)
     assert pool.free == 6
+
+
+def test_freed_pages_that_held_tokens_are_stale_until_their_memory_goes() -> None:
+    pool = PagePool(KVGeometry(pages=6, page_size=4, context=24, dtype="float32"), slots=2)
+    assert pool.resident == 0 and pool.take_stale() == []  # a new pool's memory is the OS's
+    pool.reserve(0, 12)
+    pool.grow(0, 12)
+    pool.register(0, prefix_hashes(list(range(8)), 4))  # its first two pages stay cached
+    assert pool.resident == 3
+    pool.release(0)
+    assert pool.resident == 3 and pool.take_stale() == [2] and pool.resident == 2 and pool.take_stale() == []
+    pool.reserve(1, 24)
+    pool.grow(1, 24)  # the four never used, then the two cached ones
+    assert pool.resident == 6 and pool.take_stale() == []
+    pool.release(1)
+    assert pool.take_stale() == list(range(6)) and pool.resident == 0
+    pool.reserve(0, 4)
+    pool.grow(0, 4)
+    with pytest.raises(RuntimeError, match="holds pages"):
+        pool.unmap_all()
+    pool.reset()
+    assert pool.unmap_all() == list(range(6)) and pool.resident == 0 and pool.take_stale() == []
+
+
+def _resident(array: jax.Array, page_bytes: int, page: int) -> np.ndarray:
+    """mincore's answer for each whole OS page inside pool page ``page`` of ``array``'s buffer:
+    whether it is in memory."""
+    base = array.unsafe_buffer_pointer() + page * page_bytes
+    start = -(-base // mmap.PAGESIZE) * mmap.PAGESIZE
+    count = (base + page_bytes - start) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * count)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(start, count * mmap.PAGESIZE, vector) == 0, ctypes.get_errno()
+    return np.frombuffer(vector, np.uint8) & 1 == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise and mincore as Linux has them")
+def test_discarded_pages_leave_memory_read_back_as_zeros_and_fill_again() -> None:
+    pages, page_bytes = 64, 4 * 64 * 32 * 4  # 8 OS pages each
+    cache = ((jnp.ones((pages, 4, 64, 32), jnp.float32), jnp.ones((pages, 4, 32, 64), jnp.float32)),)
+    jax.block_until_ready(cache)
+    assert discard(cache, [3, 4, 5, 10]) >= 2 * 4 * page_bytes - 2 * 2 * mmap.PAGESIZE  # less the unaligned ends
+    k, v = cache[0]
+    for pool in (k, v):
+        assert not any(_resident(pool, page_bytes, page).any() for page in (3, 4, 5, 10))
+        assert all(_resident(pool, page_bytes, page).all() for page in (0, 2, 6, 9, 11, 63))
+        host = np.asarray(pool)
+        assert (host[4] == 0).all() and (host[[3, 5, 10]].mean(axis=(1, 2, 3)) < 0.2).all()  # zeros but the unaligned ends
+        assert (host[[0, 1, 2, 6, 9, 11, 63]] == 1).all()
+    write = jax.jit(lambda pool: pool.at[4].set(2.0), donate_argnums=0)
+    k = write(k)
+    assert (np.asarray(k)[4] == 2).all() and _resident(k, page_bytes, 4).all()
 
 
 def test_geometry_from_the_engine_config() -> None:
@@ -187,6 +245,12 @@ def test_a_thousand_requests_of_random_lengths_return_every_page(tiny) -> None:
         # every page is free or cached with nobody holding it, and counted free
         assert sorted(pool._free + list(pool._idle)) == list(range(pool.geometry.pages))
         assert pool.free == pool.geometry.pages and (pool.tables == NO_PAGE).all()
+        # once idle, the pool holds memory only for its cached pages
+        page_bytes = engine.stats()["kv_cache_bytes"] // pool.geometry.pages
+        deadline = time.monotonic() + 10
+        while engine.stats()["kv_resident_bytes"] > pool.cached * page_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats()["kv_resident_bytes"] == pool.cached * page_bytes < engine.stats()["kv_cache_bytes"]
     finally:
         engine.shutdown()
 

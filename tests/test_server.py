@@ -286,8 +286,9 @@ def test_status_reports_memory_measured_by_the_engine(server: Server, models_jso
         params = param_bytes(checkpoint.params)
         reply = httpx.post(f"{server.url}/v1/models/status", json={"model_id": entry.model_id}).json()
         assert reply == {"model_id": entry.model_id, "status": "loaded",
-                         "memory": {"param_bytes": params, "kv_cache_bytes": kv, "kv_pages_total": 4 * context // 32,
-                                    "kv_pages_used": 0, "kv_page_size": 32}}
+                         "memory": {"param_bytes": params, "kv_cache_bytes": kv, "kv_resident_bytes": 0,
+                                    "kv_pages_total": 4 * context // 32, "kv_pages_used": 0, "kv_pages_cached": 0,
+                                    "kv_page_size": 32}}
         ready = next(line for line in server.output().splitlines() if f"model {entry.model_id!r} ready" in line)
         assert f"params {params / 2**20:.1f} MiB ({params} bytes)" in ready
         assert f"({kv} bytes) ({4 * context // 32} pages of 32 tokens)" in ready

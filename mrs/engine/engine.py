@@ -126,6 +126,7 @@ class Engine:
         self._step_seconds = 0.0
         self._warmup_seconds = 0.0
         self._kv_cache_bytes = 0  # measured once the engine thread allocates the cache
+        self._kv_pages_unmap = False  # whether the pool's free pages give their memory back (a CPU pool)
 
     @classmethod
     def from_parts(
@@ -228,6 +229,9 @@ class Engine:
             "grammar_host_s": self._grammar_seconds,
             "param_bytes": self._param_bytes,
             "kv_cache_bytes": self._kv_cache_bytes,
+            # What the pool holds in memory: the pages in use, cached or freed while busy (on a CPU).
+            "kv_resident_bytes": self._kv_cache_bytes * self._pages.resident // self._kv.pages
+            if self._kv_pages_unmap else self._kv_cache_bytes,
             "kv_pages_total": self._kv.pages,
             "kv_pages_used": self._pages.used,
             "kv_pages_cached": self._pages.cached,
@@ -248,13 +252,14 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            self._state = self._steps.init_state()
+            self._new_state()
             # Measured here, not in stats(): other threads must not read a cache the
             # decode step is donating, and its buffers keep these sizes for the engine's life.
             self._kv_cache_bytes = cache_bytes(self._state.cache)
-            log.info("%s: KV cache of %d pages x %d tokens (%d tokens, %s, %.1f MiB) shared by %d slots; "
+            log.info("%s: KV cache of %d pages x %d tokens (%d tokens, %s, %.1f MiB%s) shared by %d slots; "
                      "context %d", self.checkpoint.source, self._kv.pages, self._kv.page_size, self._kv.tokens,
-                     self._kv.dtype, self._kv_cache_bytes / 2**20, self.max_batch, self.context_limit)
+                     self._kv.dtype, self._kv_cache_bytes / 2**20, ", in memory as pages fill" if self._kv_pages_unmap
+                     else "", self.max_batch, self.context_limit)
             if self.config.warmup:
                 self._warmup()
         except BaseException as exc:  # report through start(); callers never hang
@@ -283,14 +288,29 @@ class Engine:
                 pending = None
                 self._reset(exc)
                 continue
-            # Sleep unless the last step's collection just freed room for a waiting request: no
-            # submit is coming to wake the thread then (it used to sleep with a full queue).
             # Only with no step in flight: a dropped variant's executable must not be running.
             idle_check = self._compiler.drop_idle() if pending is None else None
+            # Sleep unless the last step's collection just freed room for a waiting request: no
+            # submit is coming to wake the thread then (it used to sleep with a full queue).
             if pending is None and not admitted and not self._scheduler.admissible():
+                self._unmap_stale_pages()  # idle: nothing runs, so no step writes the pages meanwhile
                 self._wake.wait(idle_check)
                 self._wake.clear()
         self._close()
+
+    def _new_state(self) -> None:
+        """A fresh decode state (every slot empty); its zeroed KV pool holds no memory until
+        pages fill."""
+        self._state = self._steps.init_state()
+        jax.block_until_ready(self._state.cache)  # the zeros written before their pages go
+        self._kv_pages_unmap = kv_cache.discard(self._state.cache, self._pages.unmap_all()) > 0
+
+    def _unmap_stale_pages(self) -> None:
+        """Hand back the memory of the free pages that held tokens (``mrs.engine.kv_pages``)."""
+        stale = self._pages.take_stale()
+        if stale and self._kv_pages_unmap:
+            jax.block_until_ready(self._state.cache)
+            kv_cache.discard(self._state.cache, stale)
 
     def _warmup(self) -> None:
         """Compile the step variants: the largest of each kind before the engine reports ready,
@@ -308,8 +328,8 @@ class Engine:
         largest, rest = self._variants()
         self._state = self._compiler.compile(self._state, largest, rest, self.config.compile_in_background)
         jax.block_until_ready(self._state)
-        self._state = self._steps.init_state()
         self._pages.release(0)
+        self._new_state()
         self._warmup_seconds = time.perf_counter() - begin
 
     def _variants(self) -> tuple[list[Variant], list[Variant]]:
@@ -637,7 +657,7 @@ class Engine:
             self._fail_request(seq.req, exc)
         self._scheduler.reset()
         try:
-            self._state = self._steps.init_state()
+            self._new_state()
         except Exception as fatal:  # cannot even allocate: report unhealthy and stop
             log.exception("engine state could not be rebuilt")
             self._fatal = fatal

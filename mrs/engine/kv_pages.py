@@ -17,6 +17,10 @@ those names; a later prompt that starts with the same tokens takes the same page
 writes only past its prompt's full pages, and a match leaves the prompt's last token to
 prefill (its logits start the reply). When no sequence holds a registered page it stays
 cached, least recently used first in line to be reused for new tokens.
+
+Memory: a free page that held tokens is stale until the engine hands its memory back to
+the OS (``take_stale``, once the engine is idle; ``mrs.models.kv_cache.discard``), so the
+pool's resident pages (``resident``) are those in use, cached, or freed since.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class PagePool:
         self._page_of: dict[bytes, int] = {}  # prefix cache: a full page's name -> its page
         self._name_of: dict[int, bytes] = {}
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unheld; LRU first
+        self._stale: set[int] = set()  # free pages that held tokens, their memory not yet handed back
+        self._unmapped: set[int] = set(range(geometry.pages))  # free pages whose memory is the OS's
 
     @property
     def free(self) -> int:
@@ -68,6 +74,28 @@ class PagePool:
     def cached(self) -> int:
         """Pages registered in the prefix cache (held or not)."""
         return len(self._page_of)
+
+    @property
+    def resident(self) -> int:
+        """Pages whose memory the pool holds: in use, cached, or stale."""
+        return self.geometry.pages - len(self._unmapped)
+
+    def take_stale(self) -> list[int]:
+        """The stale free pages (sorted), counted as unmapped from now: the caller hands their
+        memory back before any step runs."""
+        stale = sorted(self._stale)
+        self._unmapped.update(stale)
+        self._stale.clear()
+        return stale
+
+    def unmap_all(self) -> list[int]:
+        """Every page, counted as unmapped: the engine's state is new (its pool zeros, no slot
+        holding a page) and the caller hands the whole pool's memory back."""
+        if any(self._held):
+            raise RuntimeError("KV pages: the pool's memory cannot go while a slot holds pages")
+        self._stale.clear()
+        self._unmapped = set(range(self.geometry.pages))
+        return list(range(self.geometry.pages))
 
     def match(self, names: list[bytes], prompt_len: int) -> list[int]:
         """The cached pages a prompt of ``prompt_len`` tokens (whose full pages are ``names``)
@@ -100,7 +128,10 @@ class PagePool:
             if not self._promised[slot]:
                 raise RuntimeError(f"KV pages: slot {slot} grew past its reservation ({tokens} tokens)")
             self._promised[slot] -= 1
-            self._take(slot, self._free.pop() if self._free else self._evict())
+            page = self._free.pop() if self._free else self._evict()
+            self._stale.discard(page)
+            self._unmapped.discard(page)
+            self._take(slot, page)
 
     def register(self, slot: int, names: list[bytes]) -> None:
         """Name the slot's first full pages (its prompt's, now written) in the prefix cache."""
@@ -118,6 +149,7 @@ class PagePool:
                 self._idle[page] = None
             else:
                 self._free.append(page)
+                self._stale.add(page)
         self._held[slot] = []
         self._promised[slot] = 0
         self.tables[slot] = NO_PAGE
@@ -129,6 +161,7 @@ class PagePool:
         self._page_of.clear()
         self._name_of.clear()
         self._free.extend(reversed(self._idle))
+        self._stale.update(self._idle)
         self._idle.clear()
 
     def _take(self, slot: int, page: int) -> None:

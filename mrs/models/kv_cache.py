@@ -14,6 +14,9 @@ pool of one ``max_seq_len``-row page per sequence, and sequence ``b`` owns page 
 That is the whole-sequence cache tests and one-shot scoring use, with no table to build.
 
 ``geometry`` sizes an engine's pool from its config (the estimate before a load uses it too).
+
+A pool on the CPU takes memory as its pages fill: ``discard`` hands free pages' memory back
+to the OS (their stale contents are lost), so an idle engine holds only its cached pages.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from mrs.config.schema import EngineConfig
 from mrs.config.units import parse_size
+from mrs.heap import discard_zeroed
 from mrs.models.config import ModelConfig
 
 Array = jax.Array
@@ -91,6 +95,35 @@ def init_cache(config: ModelConfig, pages: int, page_size: int, dtype: Any = Non
     dtype = dtype or config.jnp_dtype
     layers = range(*(stage or (0, config.num_layers)))
     return tuple((jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in layers)
+
+
+def discard(cache: KVCache, pages: list[int]) -> int:
+    """Hand the memory of ``pages`` (sorted; no step may write them meanwhile) back to the OS
+    in every layer's pool held on a CPU; bytes handed back. Their contents are lost: zeros,
+    but for the ends of a run that share an OS page with the pages beside it."""
+    runs = _runs(pages)
+    handed_back = 0
+    for pool in jax.tree.leaves(cache):
+        for shard in pool.addressable_shards:
+            buffer = shard.data
+            if shard.device.platform != "cpu" or buffer.shape[0] != pool.shape[0]:
+                continue  # device memory, or a pool split by page: neither is ours to unmap
+            stride = buffer.nbytes // buffer.shape[0]
+            address = buffer.unsafe_buffer_pointer()
+            for first, count in runs:
+                handed_back += discard_zeroed(address + first * stride, count * stride)
+    return handed_back
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted page ids as (first, count) runs of consecutive pages."""
+    runs: list[tuple[int, int]] = []
+    for page in pages:
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
 
 
 def page_size(layer: LayerCache) -> int:
