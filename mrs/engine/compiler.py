@@ -12,8 +12,8 @@ everything before the engine reports ready.
 
 Each variant holds tens of MiB, so with ``idle_seconds`` a variant that has not run for
 that long leaves memory when the executable cache (``mrs.engine.executable_cache``) holds
-it (``drop_idle``, on the engine's thread), and the worker thread loads it again (about
-half a second) once the engine wants it (``want``); a larger variant serves meanwhile.
+it (``drop_idle``, on the engine's thread), and the worker thread loads it again from
+disk, with no tracing, once the engine wants it (``want``); a larger variant serves meanwhile.
 The largest ones always stay.
 """
 

@@ -53,7 +53,7 @@ def load_gguf(entry: ModelEntry) -> Checkpoint:
         eos += (tokenizer.eos_token_id,)
     bos = g.get("tokenizer.ggml.bos_token_id")
     params = load_gguf_params(g, config, keep_quantized=not entry.dequantize_gguf)
-    g.release_pages()  # read once: the whole file stayed resident (94 MiB for the demo SmolLM2)
+    g.release_pages()  # read once: without this the whole file stays resident
     try:
         registry.check_params(config, params)
     except (KeyError, ValueError, TypeError) as err:
