@@ -123,9 +123,11 @@ def main() -> int:
             prefix[cache] = shared_prefix(cache, args, Path(tmp) / f"prefix-{cache}.log")
     print("\nThe idle quickstart server (both demo models loaded, 16 slots, 2,048-token context):\n")
     print("| KV pool per model | RSS MiB, every variant compiled | RSS MiB, idle variants left (in memory / "
-          "compiled) | SmolLM2 KV MiB (pages) | Gemma 3 KV MiB (pages) |\n|---|---:|---:|---:|---:|")
+          "compiled) | SmolLM2 KV MiB in memory of pool (pages) | Gemma 3 KV MiB in memory of pool (pages) |\n"
+          "|---|---:|---:|---:|---:|")
     for kv_tokens, row in memory.items():
-        cells = [f"{m['kv_cache_bytes'] / 2**20:.0f} ({m['kv_pages_total']} x {m['kv_page_size']})"
+        cells = [f"{m['kv_resident_bytes'] / 2**20:.0f} of {m['kv_cache_bytes'] / 2**20:.0f} "
+                 f"({m['kv_pages_total']} x {m['kv_page_size']})"
                  for m in row["memory"].values()]
         label = f"{kv_tokens} tokens" + (" (default)" if kv_tokens == 8192 else " (= the per-slot cache before paging)")
         print(f"| {label} | {row['rss_mib']:.0f} | {row['idle_rss_mib']:.0f} ({row['in_memory']} / {row['variants']}) | "
