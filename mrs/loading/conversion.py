@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from mrs.config.schema import ModelEntry
 from mrs.errors import ConfigError, LoadError
@@ -59,6 +58,8 @@ def check_out_dir(out: str | Path) -> Path:
 
 def save_conversion(checkpoint: Checkpoint, out: str | Path) -> Path:
     """Write ``checkpoint`` as it is (quantized or not) to the free directory ``out``."""
+    import orbax.checkpoint as ocp  # here: importing it costs the server's start-up 0.7 s
+
     root = check_out_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     checkpoint.tokenizer.save_pretrained(root / TOKENIZER)
@@ -137,6 +138,8 @@ def restore_params(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     loader's parameters are: committed parameters give the engine's jitted steps a
     second input signature after the first step, i.e. fresh compiles while serving.
     """
+    import orbax.checkpoint as ocp  # here, as in save_conversion
+
     target = abstract_params(spec)
     args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), target)
     try:
