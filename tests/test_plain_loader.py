@@ -15,10 +15,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from mrs.config.schema import ModelEntry, ModelSource
+from mrs.engine.executable_cache import version_folder
 from mrs.errors import ConfigError, LoadError
 from mrs.fetch import fetch_plain_copy
 from mrs.loading.load import load_checkpoint
 from mrs.loading.safetensors_reader import load_plain
+from mrs.models import registry
 from mrs.models.config import FULL, SLIDING
 from mrs.models.gemma3 import config_from_hf as gemma3_config, hf_name
 from mrs.models.llama import config_from_hf as llama_config
@@ -158,6 +160,36 @@ def test_missing_tensor_is_named(llama, tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LoadError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' missing for arch 'llama'"):
         load_plain(entry(path))
+
+
+def test_a_tree_that_passed_its_check_skips_the_trace_next_time(llama, tmp_path, monkeypatch):
+    """The parameter check (a trace of the whole model) runs once per config and tree layout;
+    failures are not remembered."""
+    _, src = llama
+    partial = shutil.copytree(src, tmp_path / "partial")
+    tensors = load_file(partial / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "cache"))
+    try:
+        load_plain(entry(src))
+        markers = list((version_folder() / "checked").iterdir())
+        assert len(markers) == 1
+        for _ in range(2):
+            with pytest.raises(LoadError, match="missing for arch 'llama'"):
+                load_plain(entry(partial))
+        assert list((version_folder() / "checked").iterdir()) == markers
+
+        def traced(config, params):
+            raise AssertionError(f"{config.arch} traced again")
+
+        monkeypatch.setattr(registry, "check_params", traced)
+        load_plain(entry(src))  # the marker stands for the trace
+        with pytest.raises(AssertionError, match="mistral traced again"):  # another config: checked anew
+            load_plain(entry(src, arch="mistral"))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_missing_weights_and_shards(llama, tmp_path):

@@ -101,7 +101,8 @@ def _single_device(x: Any) -> bool:
     return sharding is None or len(sharding.device_set) == 1
 
 
-def _folder() -> Path | None:
+def version_folder() -> Path | None:
+    """This source version's folder in the persistent cache (None without one)."""
     root = jax.config.jax_compilation_cache_dir
     return None if not root else Path(root) / FOLDER / _source_digest()
 
@@ -112,7 +113,7 @@ def key(fingerprint: str, args: tuple[Any, ...], kwargs: dict[str, Any], static:
     cached (no cache directory, or inputs on several devices)."""
     dynamic = {k: v for k, v in kwargs.items() if k not in static}
     leaves, tree = jax.tree.flatten((args, dynamic))
-    if _folder() is None or not all(map(_single_device, leaves)):
+    if version_folder() is None or not all(map(_single_device, leaves)):
         return None
     described = (fingerprint, _environment(), str(tree), [_input_spec(leaf) for leaf in leaves],
                  sorted((k, repr(v)) for k, v in kwargs.items() if k in static))
@@ -124,7 +125,7 @@ def load_or_compile(entry: str | None, compile_step: Callable[[], Any]) -> tuple
     whether the entry now holds it (so that it can be dropped from memory and loaded again)."""
     if entry is None:
         return compile_step(), False
-    folder = _folder()
+    folder = version_folder()
     assert folder is not None
     path = folder / f"{entry}.bin"
     executable = _load(path)

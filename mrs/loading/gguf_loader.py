@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mrs.config.schema import ModelEntry
 from mrs.errors import ConfigError, LoadError
+from mrs.loading import param_check
 from mrs.loading.chat_template import tokenizer_template
 from mrs.loading.checkpoint import Checkpoint
 from mrs.loading.gguf_config import model_config_from_gguf
@@ -11,7 +12,6 @@ from mrs.loading.gguf_reader import GGUFFile, open_gguf
 from mrs.loading.gguf_tokenizer import gguf_add_bos, tokenizer_from_gguf, tokenizer_from_id
 from mrs.loading.gguf_weights import load_gguf_params
 from mrs.loading.sources import resolve_gguf
-from mrs.models import registry
 
 # Control tokens llama.cpp treats as end of generation by their text (llama-vocab.cpp),
 # for files whose metadata names only the end-of-text token.
@@ -55,7 +55,7 @@ def load_gguf(entry: ModelEntry) -> Checkpoint:
     params = load_gguf_params(g, config, keep_quantized=not entry.dequantize_gguf)
     g.release_pages()  # read once: without this the whole file stays resident
     try:
-        registry.check_params(config, params)
+        param_check.check_params(config, params)
     except (KeyError, ValueError, TypeError) as err:
         raise LoadError(f"{path}: its tensors do not fit the {config.arch} model: {err}") from None
     return Checkpoint(

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from mrs.config.schema import ModelEntry
 from mrs.errors import LoadError
+from mrs.loading import param_check
 from mrs.loading.checkpoint import Checkpoint
 from mrs.loading.plain_tokenizer import plain_tokenizer, read_json
 from mrs.loading.sources import resolve_model
@@ -90,7 +91,7 @@ def load_params(config: ModelConfig, files: list[Path]) -> dict:
     named = ((name, jnp.asarray(value)) for name, value in read_tensors(files, config.jnp_dtype, wanted))
     params = registry.params_from_hf(config, named)
     try:
-        registry.check_params(config, params)
+        param_check.check_params(config, params)
     except KeyError as e:
         missing = str(e.args[0]).removeprefix("missing parameter ")
         raise LoadError(
