@@ -298,10 +298,10 @@ class Engine:
                 self._wake.clear()
         self._close()
 
-    def _new_state(self) -> None:
-        """A fresh decode state (every slot empty); its zeroed KV pool holds no memory until
-        pages fill."""
-        self._state = self._steps.init_state()
+    def _new_state(self, cache: Any = None) -> None:
+        """A fresh decode state (every slot empty) around a new zeroed KV pool or ``cache``;
+        the pool holds no memory until pages fill."""
+        self._state = self._steps.init_state() if cache is None else self._steps.empty_slots(cache)
         jax.block_until_ready(self._state.cache)  # the zeros written before their pages go
         self._kv_pages_unmap = kv_cache.discard(self._state.cache, self._pages.unmap_all()) > 0
 
@@ -329,7 +329,7 @@ class Engine:
         self._state = self._compiler.compile(self._state, largest, rest, self.config.compile_in_background)
         jax.block_until_ready(self._state)
         self._pages.release(0)
-        self._new_state()
+        self._new_state(self._state.cache)  # a new pool would write all its zeros again
         self._warmup_seconds = time.perf_counter() - begin
 
     def _variants(self) -> tuple[list[Variant], list[Variant]]:

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 
 def build_steps(config: ModelConfig, max_batch: int, kv: KVGeometry, placement: Placement) -> Any:
-    """``Steps`` or its multi-device counterpart; all share insert/prefill/decode/init_state/place_params."""
+    """``Steps`` or its multi-device counterpart; all share insert/prefill/decode/init_state/empty_slots/place_params."""
     if placement.mesh is not None:
         return MeshSteps(config, max_batch, kv, placement.mesh)
     if placement.layers is not None:
@@ -68,6 +68,12 @@ class MeshSteps(Steps):
         shardings = jax.tree.map(lambda _: replicated, shapes._replace(cache=()))
         shardings = shardings._replace(cache=cache_shardings(shapes.cache, self.mesh))
         return jax.jit(super().init_state, out_shardings=shardings)()
+
+    def empty_slots(self, cache: KVCache) -> DecodeState:
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        make = partial(Steps.empty_slots, self, ())
+        shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(make))
+        return jax.jit(make, out_shardings=shardings)()._replace(cache=cache)
 
     decode_reads_lengths = False  # XLA's attention only: its cost follows the static kv_len
 
@@ -144,6 +150,9 @@ class StagedSteps:
             lead += _on(stage.device, partial(init_cache, self.config, kv.pages, kv.page_size, kv.dtype, stage=layers))
         state = _on(self._device, self._last.init_state)
         return state._replace(cache=lead + state.cache)
+
+    def empty_slots(self, cache: KVCache) -> DecodeState:
+        return _on(self._device, partial(self._last.empty_slots, ()))._replace(cache=cache)
 
     def insert(self, state: DecodeState, slot: Array, row: SlotSampling) -> DecodeState:
         caches = self._split(state.cache)

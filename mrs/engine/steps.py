@@ -138,9 +138,15 @@ class Steps:
         return decode_reads_lengths(self.config, self.kv.dtype)
 
     def init_state(self) -> DecodeState:
+        return self.empty_slots(init_cache(self.config, self.kv.pages, self.kv.page_size, self.kv.dtype,
+                                           stage=self.stage))
+
+    def empty_slots(self, cache: KVCache) -> DecodeState:
+        """A state around ``cache`` with every slot empty (no slot's pages are read until a
+        prefill writes them)."""
         b, v = self.max_batch, self.config.vocab_size
         return DecodeState(
-            cache=init_cache(self.config, self.kv.pages, self.kv.page_size, self.kv.dtype, stage=self.stage),
+            cache=cache,
             tokens=jnp.zeros((b,), jnp.int32),
             positions=jnp.full((b,), PAD_POSITION, jnp.int32),
             step=jnp.zeros((b,), jnp.int32),

@@ -14,6 +14,7 @@ import hashlib
 
 import jax
 
+from mrs.compile_cache import enable_persistent_cache
 from mrs.engine.executable_cache import version_folder
 from mrs.loading.param_spec import param_spec
 from mrs.models import registry
@@ -24,6 +25,7 @@ CHECKED = "checked"
 
 def check_params(config: ModelConfig, params: dict) -> None:
     """``registry.check_params``, unless this config and tree layout passed it before."""
+    enable_persistent_cache()  # as the engine will: the first model loads before any engine starts
     folder = version_folder()
     if folder is None:
         registry.check_params(config, params)
