@@ -1,9 +1,8 @@
 """A loaded model's parameter check, remembered across starts.
 
-``registry.check_params`` traces the whole model to prove its parameter tree complete
-(over a second for SmolLM2's 30 layers, on the path to ready). Its outcome depends on
-mrs's source, JAX, the model config and the tree's structure, shapes and dtypes, never
-on the values: a marker in the executable cache's folder for this source version
+``registry.check_params`` traces the whole model to prove its parameter tree complete,
+on every load's path to ready. Its outcome depends on mrs's source, JAX, the model config
+and the tree's structure, shapes and dtypes, never on the values: a marker in the executable cache's folder for this source version
 (``mrs.engine.executable_cache``) records each tree that passed, and a later load of the
 same tree skips the trace. Failures are not recorded.
 """
