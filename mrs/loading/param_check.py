@@ -2,9 +2,10 @@
 
 ``registry.check_params`` traces the whole model to prove its parameter tree complete,
 on every load's path to ready. Its outcome depends on mrs's source, JAX, the model config
-and the tree's structure, shapes and dtypes, never on the values: a marker in the executable cache's folder for this source version
-(``mrs.engine.executable_cache``) records each tree that passed, and a later load of the
-same tree skips the trace. Failures are not recorded.
+and the tree's structure, shapes and dtypes, never on the values: a marker in the
+executable cache's folder for this source version (``mrs.engine.executable_cache``)
+records each tree that passed, and a later load of the same tree skips the trace.
+Failures are not recorded.
 """
 
 from __future__ import annotations
