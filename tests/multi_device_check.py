@@ -88,6 +88,18 @@ def check_stages(engine: Engine, layers: tuple, tied: bool) -> None:
         assert_compiled_once(getattr(steps._last, step), steps.traces, step)
         for stage in steps._leads:
             assert_compiled_once(getattr(stage, step), steps.traces, f"stage{stage.layers.start}/{step}")
+    check_empty_slots(engine)
+
+
+def check_empty_slots(engine: Engine) -> None:
+    """The state the warm-up leaves (its pool kept, the slots emptied) is laid out as a new one:
+    the same values, shardings and commitment, so the steps' executables fit it unchanged."""
+    fresh = engine._steps.init_state()
+    emptied = engine._steps.empty_slots(fresh.cache)
+    assert emptied.cache is fresh.cache
+    for got, want in zip(jax.tree.leaves(emptied._replace(cache=())), jax.tree.leaves(fresh._replace(cache=()))):
+        assert got.sharding == want.sharding and got.committed == want.committed, (got.sharding, want.sharding)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def check_mesh(engine: Engine, n: int) -> None:
@@ -103,6 +115,7 @@ def check_mesh(engine: Engine, n: int) -> None:
         assert {s.data.shape[1] for s in k.addressable_shards} == {k.shape[1] // n}
     for step in ("prefill", "decode"):
         assert_compiled_once(getattr(engine._steps, step), engine._steps.traces, step)
+    check_empty_slots(engine)
     check_mesh_decode_local(engine)
 
 
