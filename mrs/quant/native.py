@@ -2,7 +2,7 @@
 
 - ``qmatmul``: ``x @ w.T`` for a QArray ``w``, reading the packed blocks directly
   (``QArray.linear`` uses it for up to ``MAX_ROWS`` activation rows; prefill's
-  larger chunks stay with XLA, which dequantizes once per call and runs a GEMM).
+  512-token chunks stay with XLA, which dequantizes once per call and runs a GEMM).
 - ``decode_attention``: one query per slot over the paged KV cache, read in place
   (``mrs.models.layers.cached_attention`` uses it for decode steps).
 
@@ -48,9 +48,10 @@ HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 CACHE_DIR = Path.home() / ".cache" / "mrs" / "kernels"
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Rows of activations up to which qmatmul beats XLA's dequantize-then-GEMM: XLA expands every
-# weight to float32 on each call, which 64 rows still cost more than the kernel's passes
-# (tools/bench_qmatmul.py; it wins from 128 or 256 rows). So prefill chunks of 64 run it too.
-MAX_ROWS = 64
+# weight to float32 on each call; the kernel dequantizes four rows at a time into a panel
+# that multiplies all the activations, level with XLA's GEMM from about 512 rows
+# (tools/bench_qmatmul.py). So prefill chunks up to 256 tokens run it too.
+MAX_ROWS = 256
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"mrs_qmatmul": "MrsQMatmul", "mrs_decode_attention": "MrsDecodeAttention"}
 _tracing = threading.local()  # per thread: each model's engine traces its steps in its own thread

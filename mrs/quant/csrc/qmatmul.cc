@@ -5,7 +5,10 @@
 // every scale per element and does not vectorize well; at batch 1 that loop is ~80%
 // of a decode step. Here each 8-value chunk is converted once (AVX2/FMA/F16C),
 // multiplied with up to four activation rows held in registers, and each block's dot
-// product scaled once (the block offsets fold into sums of the activations).
+// product scaled once (the block offsets fold into sums of the activations). With more
+// activation rows (batched decode, prefill chunks) that conversion would repeat per four
+// rows, so instead each four output rows are dequantized once into a small float panel
+// that multiplies every activation row in register tiles.
 // Activations stay float32, so results match dequantize-then-matmul to rounding.
 #include <immintrin.h>
 
@@ -21,6 +24,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kTile = 4;  // activation rows per pass over the weights (registers per output row)
+constexpr int64_t kManyRows = 4;  // above this many activation rows, dequantize panels (ManyRows)
 
 struct Weights {
   const uint8_t* data;  // [units, nblocks, block]: rows (bits 8) or row pairs (bits 4 and 6)
@@ -29,7 +33,7 @@ struct Weights {
   const void* min;      // [rows, nblocks] or nullptr
   bool data_signed, scale_f16, min_f16;
   int bits, block, zero;
-  int64_t rows, nblocks;
+  int64_t rows, nblocks, cols;  // cols = nblocks * block, the activations' width
 };
 
 inline float Scalar(const void* p, int64_t i, bool f16) {
@@ -56,6 +60,51 @@ inline __m256 Widen(__m128i bytes, bool is_signed) {
   return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
 }
 
+inline __m256i WidenU8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// A storage unit of each layout: the output rows it holds and, for eight columns, their
+// stored values (before scale and offset) as floats, kRows vectors.
+struct Bytes8 {  // one byte per value: a unit is a row
+  static constexpr int kRows = 1;
+  const Weights& w;
+  int64_t Row(int64_t u, int) const { return u; }
+  void Load(int64_t u, int64_t col, __m256* v) const {
+    v[0] = Widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.data + u * w.cols + col)), w.data_signed);
+  }
+};
+
+struct Pairs4 {  // 4 bits: pair p holds row p in its low nibbles and row p + rows/2 in its high ones
+  static constexpr int kRows = 2;
+  const Weights& w;
+  int64_t Row(int64_t p, int g) const { return p + g * (w.rows / 2); }
+  void Load(int64_t p, int64_t col, __m256* v) const {
+    // Widen the bytes first (one load-and-widen), then split the nibbles in 32-bit lanes.
+    const __m256i bytes = WidenU8(w.data + p * w.cols + col);
+    v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
+    v[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+  }
+};
+
+// 6 bits: rows u, u + q, u + 2q, u + 3q (q = rows / 4). Their low nibbles are row pairs u
+// (rows u, u + 2q) and u + q (rows u + q, u + 3q); their top bits are high[u].
+struct Quads6 {
+  static constexpr int kRows = 4;
+  const Weights& w;
+  int64_t Row(int64_t u, int g) const { return u + g * (w.rows / 4); }
+  void Load(int64_t u, int64_t col, __m256* v) const {
+    const __m256i nibble = _mm256_set1_epi32(0x0F), two = _mm256_set1_epi32(0x03), top = _mm256_set1_epi32(0x30);
+    const __m256i a = WidenU8(w.data + u * w.cols + col), e = WidenU8(w.data + (u + w.rows / 4) * w.cols + col),
+                  h = WidenU8(w.high + u * w.cols + col);
+    v[0] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(a, nibble), _mm256_slli_epi32(_mm256_and_si256(h, two), 4)));
+    v[1] = _mm256_cvtepi32_ps(
+        _mm256_or_si256(_mm256_and_si256(e, nibble), _mm256_slli_epi32(_mm256_and_si256(h, _mm256_slli_epi32(two, 2)), 2)));
+    v[2] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(a, 4), _mm256_and_si256(h, top)));
+    v[3] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(e, 4), _mm256_and_si256(_mm256_srli_epi32(h, 2), top)));
+  }
+};
+
 // Per output row and activation row: sum over blocks of scale * (q . x_block) in a vector
 // accumulator, plus offset * sum(x_block) (xsum, precomputed per call) in a scalar one.
 // The raw integers multiply x directly; each block's chain is independent of the next.
@@ -79,138 +128,165 @@ struct RowSums {
   }
 };
 
-template <int T>
-inline void Dot(__m256 value, const float* x, int64_t k, int64_t col, __m256* dot) {
-  for (int t = 0; t < T; ++t) dot[t] = _mm256_fmadd_ps(value, _mm256_loadu_ps(x + t * k + col), dot[t]);
-}
-
-// One byte per value: output rows [begin, end) for activation rows x[0, T) (row stride k).
-template <int T, int BLOCK>
-void Rows8(const Weights& w, const float* x, const float* xsum, int64_t k, float* y, int64_t n, int64_t begin,
-           int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    RowSums<T> sums;
-    const uint8_t* row = w.data + r * k;
-    for (int64_t b = 0; b < w.nblocks; ++b) {
-      __m256 dot[T];
-      for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_ps();
-      for (int c = 0; c < BLOCK; c += 8) {
-        const int64_t col = b * BLOCK + c;
-        Dot<T>(Widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + col)), w.data_signed), x, k, col, dot);
-      }
-      float scale, offset;
-      BlockAffine(w, r, b, &scale, &offset);
-      sums.AddBlock(dot, scale, offset, xsum, w.nblocks, b);
-    }
-    sums.Store(y, n, r);
-  }
-}
-
-// 4-bit row pairs: pair p holds row p in its low nibbles and row p + rows/2 in its high ones.
-template <int T, int BLOCK>
-void Pairs4(const Weights& w, const float* x, const float* xsum, int64_t k, float* y, int64_t n, int64_t begin,
-            int64_t end) {
-  const int64_t half = w.rows / 2;
-  const __m256i low_mask = _mm256_set1_epi32(0x0F);
-  for (int64_t p = begin; p < end; ++p) {
-    RowSums<T> lo_sums, hi_sums;
-    const uint8_t* pair = w.data + p * k;
-    for (int64_t b = 0; b < w.nblocks; ++b) {
-      __m256 lo_dot[T], hi_dot[T];
-      for (int t = 0; t < T; ++t) lo_dot[t] = hi_dot[t] = _mm256_setzero_ps();
-      for (int c = 0; c < BLOCK; c += 8) {
-        const int64_t col = b * BLOCK + c;
-        // Widen the bytes first (one load-and-widen), then split the nibbles in 32-bit lanes.
-        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair + col)));
-        Dot<T>(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_mask)), x, k, col, lo_dot);
-        Dot<T>(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), x, k, col, hi_dot);
-      }
-      float scale, offset;
-      BlockAffine(w, p, b, &scale, &offset);
-      lo_sums.AddBlock(lo_dot, scale, offset, xsum, w.nblocks, b);
-      BlockAffine(w, p + half, b, &scale, &offset);
-      hi_sums.AddBlock(hi_dot, scale, offset, xsum, w.nblocks, b);
-    }
-    lo_sums.Store(y, n, p);
-    hi_sums.Store(y, n, p + half);
-  }
-}
-
-// 6-bit row quads: rows u, u + q, u + 2q, u + 3q (q = rows / 4). Their low nibbles are row
-// pairs u (rows u, u + 2q) and u + q (rows u + q, u + 3q); their top bits are high[u].
-template <int T, int BLOCK>
-void Quads6(const Weights& w, const float* x, const float* xsum, int64_t k, float* y, int64_t n, int64_t begin,
-            int64_t end) {
-  const int64_t quarter = w.rows / 4;
-  const __m256i nibble = _mm256_set1_epi32(0x0F), two = _mm256_set1_epi32(0x03), top = _mm256_set1_epi32(0x30);
-  auto widen = [](const uint8_t* p) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  };
+// Few activation rows (T <= kTile): units [begin, end) for activation rows x[0, T), the
+// stored integers multiplying x directly, so each weight is read and converted once per T rows.
+template <class Layout, int T, int BLOCK>
+void FewRows(const Layout& layout, const float* x, const float* xsum, float* y, int64_t begin, int64_t end) {
+  constexpr int G = Layout::kRows;
+  const Weights& w = layout.w;
   for (int64_t u = begin; u < end; ++u) {
-    RowSums<T> sums[4];
-    const uint8_t* near = w.data + u * k;
-    const uint8_t* far = w.data + (u + quarter) * k;
-    const uint8_t* high = w.high + u * k;
+    RowSums<T> sums[G];
     for (int64_t b = 0; b < w.nblocks; ++b) {
-      __m256 dot[4][T];
-      for (int r = 0; r < 4; ++r)
-        for (int t = 0; t < T; ++t) dot[r][t] = _mm256_setzero_ps();
+      __m256 dot[G][T];
+      for (int g = 0; g < G; ++g)
+        for (int t = 0; t < T; ++t) dot[g][t] = _mm256_setzero_ps();
       for (int c = 0; c < BLOCK; c += 8) {
         const int64_t col = b * BLOCK + c;
-        const __m256i a = widen(near + col), e = widen(far + col), h = widen(high + col);
-        const __m256i values[4] = {
-            _mm256_or_si256(_mm256_and_si256(a, nibble), _mm256_slli_epi32(_mm256_and_si256(h, two), 4)),
-            _mm256_or_si256(_mm256_and_si256(e, nibble), _mm256_slli_epi32(_mm256_and_si256(h, _mm256_slli_epi32(two, 2)), 2)),
-            _mm256_or_si256(_mm256_srli_epi32(a, 4), _mm256_and_si256(h, top)),
-            _mm256_or_si256(_mm256_srli_epi32(e, 4), _mm256_and_si256(_mm256_srli_epi32(h, 2), top)),
-        };
-        for (int r = 0; r < 4; ++r) Dot<T>(_mm256_cvtepi32_ps(values[r]), x, k, col, dot[r]);
+        __m256 values[G];
+        layout.Load(u, col, values);
+        for (int t = 0; t < T; ++t) {
+          const __m256 xv = _mm256_loadu_ps(x + t * w.cols + col);
+          for (int g = 0; g < G; ++g) dot[g][t] = _mm256_fmadd_ps(values[g], xv, dot[g][t]);
+        }
       }
-      for (int r = 0; r < 4; ++r) {
+      for (int g = 0; g < G; ++g) {
         float scale, offset;
-        BlockAffine(w, u + r * quarter, b, &scale, &offset);
-        sums[r].AddBlock(dot[r], scale, offset, xsum, w.nblocks, b);
+        BlockAffine(w, layout.Row(u, g), b, &scale, &offset);
+        sums[g].AddBlock(dot[g], scale, offset, xsum, w.nblocks, b);
       }
     }
-    for (int r = 0; r < 4; ++r) sums[r].Store(y, n, u + r * quarter);
+    for (int g = 0; g < G; ++g) sums[g].Store(y, w.rows, layout.Row(u, g));
   }
 }
 
-template <int T, int BLOCK>
-void Units(const Weights& w, const float* x, const float* xsum, int64_t k, float* y, int64_t n, int64_t begin,
-           int64_t end) {
-  if (w.bits == 6) {
-    Quads6<T, BLOCK>(w, x, xsum, k, y, n, begin, end);
-  } else if (w.bits == 4) {
-    Pairs4<T, BLOCK>(w, x, xsum, k, y, n, begin, end);
-  } else {
-    Rows8<T, BLOCK>(w, x, xsum, k, y, n, begin, end);
+// Unit u's rows as floats (q * scale + offset) into out[g * cols + col].
+template <class Layout, int BLOCK>
+void Dequantize(const Layout& layout, int64_t u, float* out) {
+  constexpr int G = Layout::kRows;
+  const Weights& w = layout.w;
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    __m256 scale[G], offset[G];
+    for (int g = 0; g < G; ++g) {
+      float s, o;
+      BlockAffine(w, layout.Row(u, g), b, &s, &o);
+      scale[g] = _mm256_set1_ps(s), offset[g] = _mm256_set1_ps(o);
+    }
+    for (int c = 0; c < BLOCK; c += 8) {
+      const int64_t col = b * BLOCK + c;
+      __m256 values[G];
+      layout.Load(u, col, values);
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(out + g * w.cols + col, _mm256_fmadd_ps(values[g], scale[g], offset[g]));
+    }
   }
 }
 
+constexpr int kPanelRows = 4;  // output rows dequantized together
+#ifdef __AVX512VL__
+constexpr int kPanelTile = 6;  // activation rows per pass: 24 accumulators of the 32 registers
+#else
+constexpr int kPanelTile = 3;  // activation rows per pass: 12 accumulators of the 16 registers
+#endif
+
+// Keeps v in a register: without it GCC folds each x load into every FMA that uses it,
+// loading x once per weight row instead of once per column step.
+inline void InRegister(__m256& v) { asm("" : "+x"(v)); }
+
+// y[t, rows[r]] = wf[r] . x[t] for kPanelRows float weight rows wf (row stride cols) and T rows of x.
 template <int T>
-void Units(const Weights& w, const float* x, const float* xsum, int64_t k, float* y, int64_t n, int64_t begin,
-           int64_t end) {
-  if (w.block == 16) {
-    Units<T, 16>(w, x, xsum, k, y, n, begin, end);
-  } else {  // QMatmul admits 16 and 32 only
-    Units<T, 32>(w, x, xsum, k, y, n, begin, end);
+void PanelTile(const float* wf, const float* x, int64_t cols, const int64_t* rows, int nrows, float* y,
+               int64_t n) {
+  __m256 acc[kPanelRows][T];
+  for (int r = 0; r < kPanelRows; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t col = 0; col < cols; col += 8) {
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + col), InRegister(xv[t]);
+    for (int r = 0; r < kPanelRows; ++r) {
+      const __m256 wv = _mm256_loadu_ps(wf + r * cols + col);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < nrows; ++r)
+    for (int t = 0; t < T; ++t) y[t * n + rows[r]] = HorizontalSum(acc[r][t]);
+}
+
+// All m rows of x: tiles of T, then the remainder in one smaller tile.
+template <int T>
+void PanelTiles(const float* wf, const float* x, int64_t m, int64_t cols, const int64_t* rows, int nrows, float* y,
+                int64_t n) {
+  int64_t t0 = 0;
+  for (; t0 + T <= m; t0 += T) PanelTile<T>(wf, x + t0 * cols, cols, rows, nrows, y + t0 * n, n);
+  if constexpr (T > 1) {
+    if (t0 < m) PanelTiles<T - 1>(wf, x + t0 * cols, m - t0, cols, rows, nrows, y + t0 * n, n);
   }
 }
 
-// Output units [begin, end) for every activation row, kTile rows per pass over the weights.
-void Chunk(const Weights& w, const float* x, const float* xsum, int64_t m, int64_t k, float* y, int64_t begin,
-           int64_t end) {
+// Many activation rows: each group of kPanelRows output rows is dequantized once into a
+// float panel (cache-resident), then multiplies all m rows of x in register tiles, so the
+// conversion no longer repeats per four activation rows and the FMAs dominate.
+template <class Layout, int BLOCK>
+void ManyRows(const Layout& layout, const float* x, int64_t m, float* y, int64_t begin, int64_t end) {
+  constexpr int G = Layout::kRows, kUnits = kPanelRows / G;  // units per panel
+  const Weights& w = layout.w;
+  const int64_t units = w.rows / G;
+  std::vector<float> panel(kPanelRows * w.cols, 0.0f);  // rows past a short last group stay zero
+  for (int64_t first = begin * kUnits; first < std::min(end * kUnits, units); first += kUnits) {
+    int64_t rows[kPanelRows];
+    int nrows = 0;
+    for (int64_t u = first; u < std::min(first + kUnits, units); ++u, nrows += G) {
+      Dequantize<Layout, BLOCK>(layout, u, panel.data() + nrows * w.cols);
+      for (int g = 0; g < G; ++g) rows[nrows + g] = layout.Row(u, g);
+    }
+    PanelTiles<kPanelTile>(panel.data(), x, m, w.cols, rows, nrows, y, w.rows);
+  }
+}
+
+// Units [begin, end) for every activation row, kTile rows per pass over the weights.
+template <class Layout, int BLOCK>
+void FewRowsChunk(const Layout& layout, const float* x, const float* xsum, int64_t m, float* y, int64_t begin,
+                  int64_t end) {
+  const Weights& w = layout.w;
   for (int64_t m0 = 0; m0 < m; m0 += kTile) {
-    const float* xt = x + m0 * k;
+    const float* xt = x + m0 * w.cols;
     const float* st = xsum + m0 * w.nblocks;
     float* yt = y + m0 * w.rows;
     switch (std::min<int64_t>(kTile, m - m0)) {
-      case 1: Units<1>(w, xt, st, k, yt, w.rows, begin, end); break;
-      case 2: Units<2>(w, xt, st, k, yt, w.rows, begin, end); break;
-      case 3: Units<3>(w, xt, st, k, yt, w.rows, begin, end); break;
-      default: Units<4>(w, xt, st, k, yt, w.rows, begin, end); break;
+      case 1: FewRows<Layout, 1, BLOCK>(layout, xt, st, yt, begin, end); break;
+      case 2: FewRows<Layout, 2, BLOCK>(layout, xt, st, yt, begin, end); break;
+      case 3: FewRows<Layout, 3, BLOCK>(layout, xt, st, yt, begin, end); break;
+      default: FewRows<Layout, 4, BLOCK>(layout, xt, st, yt, begin, end); break;
     }
+  }
+}
+
+template <class Layout, int BLOCK>
+void Run(ffi::ThreadPool& pool, const Layout& layout, const float* x, int64_t m, float* y) {
+  const Weights& w = layout.w;
+  const int64_t units = w.rows / Layout::kRows;  // rows, row pairs or row quads
+  if (m > kManyRows) {
+    constexpr int64_t kUnits = kPanelRows / Layout::kRows;
+    const int64_t panels = (units + kUnits - 1) / kUnits;
+    mrs::ParallelFor(pool, panels, mrs::ChunksFor(pool, panels, 4), [&](int64_t begin, int64_t end) {
+      ManyRows<Layout, BLOCK>(layout, x, m, y, begin, end);
+    });
+    return;
+  }
+  std::vector<float> xsum(m * w.nblocks, 0.0f);  // each activation block's sum, for the offsets
+  for (int64_t i = 0; i < m * w.nblocks; ++i)
+    for (int64_t j = 0; j < BLOCK; ++j) xsum[i] += x[i * BLOCK + j];
+  mrs::ParallelFor(pool, units, mrs::ChunksFor(pool, units, 64), [&](int64_t begin, int64_t end) {
+    FewRowsChunk<Layout, BLOCK>(layout, x, xsum.data(), m, y, begin, end);
+  });
+}
+
+template <int BLOCK>
+void Run(ffi::ThreadPool& pool, const Weights& w, const float* x, int64_t m, float* y) {
+  if (w.bits == 6) {
+    Run<Quads6, BLOCK>(pool, Quads6{w}, x, m, y);
+  } else if (w.bits == 4) {
+    Run<Pairs4, BLOCK>(pool, Pairs4{w}, x, m, y);
+  } else {
+    Run<Bytes8, BLOCK>(pool, Bytes8{w}, x, m, y);
   }
 }
 
@@ -246,15 +322,12 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   const Weights w{static_cast<const uint8_t*>(data.untyped_data()), static_cast<const uint8_t*>(high.untyped_data()),
                   scale.untyped_data(),
                   has_min ? min.untyped_data() : nullptr, is_int8, IsF16(scale.element_type()),
-                  IsF16(min.element_type()), bits, static_cast<int>(block), zero, rows, nblocks};
-  const float* xs = x.typed_data();
-  std::vector<float> xsum(m * nblocks, 0.0f);  // each activation block's sum, for the offsets
-  for (int64_t i = 0; i < m * nblocks; ++i)
-    for (int64_t j = 0; j < block; ++j) xsum[i] += xs[i * block + j];
-  const int64_t units = rows / group;  // rows, row pairs or row quads
-  mrs::ParallelFor(pool, units, mrs::ChunksFor(pool, units, 64), [&](int64_t begin, int64_t end) {
-    Chunk(w, xs, xsum.data(), m, k, y->typed_data(), begin, end);
-  });
+                  IsF16(min.element_type()), bits, static_cast<int>(block), zero, rows, nblocks, k};
+  if (block == 16) {
+    Run<16>(pool, w, x.typed_data(), m, y->typed_data());
+  } else {  // blocks of 16 and 32 only, checked above
+    Run<32>(pool, w, x.typed_data(), m, y->typed_data());
+  }
   return ffi::Error::Success();
 }
 
