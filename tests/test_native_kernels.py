@@ -55,7 +55,7 @@ def _qarray(name: str, rows: int, cols: int = 256) -> QArray:
 @needs_kernels
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q6K"])
 @pytest.mark.parametrize("rows", [64, 37])  # 37: odd, so 4- and 6-bit values keep a byte each
-@pytest.mark.parametrize("m", [1, 3, 4, 7, 32])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 11, 32])  # 5 up: float panels in tiles of 3 or 6 rows
 def test_qmatmul_equals_dequantize_then_matmul(name: str, rows: int, m: int) -> None:
     q = _qarray(name, rows)
     x = jnp.asarray(np.random.default_rng(m).standard_normal((m, q.shape[1])), jnp.float32)
