@@ -102,7 +102,7 @@ class QArray:
     def linear(self, x: Array) -> Array:
         """``x @ w.T`` for a 2-D ``[out, in]`` weight.
 
-        Decode-sized ``x`` on CPU goes to the native kernel (``mrs.quant.native``),
+        ``x`` of up to ``native.MAX_ROWS`` rows on CPU goes to the native kernel (``mrs.quant.native``),
         which reads the packed blocks; otherwise XLA dequantizes inside the caller's
         jit. A 2-D matmul on purpose: with jax 0.10's XLA CPU a 3-D einsum over the
         expanded weight ran 10x slower in isolation (it fuses the dequantization
