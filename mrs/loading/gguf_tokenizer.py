@@ -21,7 +21,6 @@ from typing import Any
 import tokenizers
 import transformers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
-from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
 from mrs.errors import LoadError
 from mrs.loading.gguf_reader import GGUFFile
@@ -79,6 +78,9 @@ def _store(entry: Path, backend: tokenizers.Tokenizer, kwargs: dict[str, Any]) -
 
 def _build(g: GGUFFile) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
     """The backend tokenizer and ``PreTrainedTokenizerFast``'s keyword arguments."""
+    # Imported here: a third of a second at every start, needed only when the cache misses.
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
     spec = _tokenizer_fields(g, GGUF_TOKENIZER_MAPPING["tokenizer"])
     if "tokens" not in spec:
         raise LoadError(f"{g.path}: GGUF metadata has no tokenizer.ggml.tokens; set tok_model_id")

@@ -19,7 +19,7 @@ from mrs.loading.gguf_reader import GGUFFile, GGUFTensor
 from mrs.models.config import ModelConfig
 from mrs.models.family import GgufTables
 from mrs.models.registry import get_gguf_tables, params_from_hf
-from mrs.quant.gguf import gguf_tensor_to_jax, permute_rows
+from mrs.quant.gguf import gguf_tensor_to_jax, gguf_tensor_values
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -57,15 +57,14 @@ def _convert(t: GGUFTensor, hf_name: str, config: ModelConfig, table: GgufTables
     dtype = config.jnp_dtype
     if hf_name.endswith("norm.weight"):
         # Norms are small: always plain, and the +1 offset is undone in float32 before the cast.
-        value = gguf_tensor_to_jax(t.data, t.ggml_type, t.shape, keep_quantized=False, dtype=jnp.float32)
-        if table.norms_offset:
-            value = value - 1.0
-        return value.astype(dtype)
-    value = gguf_tensor_to_jax(t.data, t.ggml_type, t.shape, keep_quantized=keep_quantized and len(t.shape) > 1, dtype=dtype)
+        values = gguf_tensor_values(t.data, t.ggml_type, t.shape).astype(np.float32)
+        return jnp.asarray(values - np.float32(1) if table.norms_offset else values, dtype=dtype)
+    rows = None
     if table.permuted_qk and (".q_proj." in hf_name or ".k_proj." in hf_name):
         heads = config.num_heads if ".q_proj." in hf_name else config.num_kv_heads
-        value = permute_rows(value, unpermute_qk_rows(t.np_shape[0], heads))
-    return value
+        rows = unpermute_qk_rows(t.np_shape[0], heads)
+    return gguf_tensor_to_jax(t.data, t.ggml_type, t.shape, keep_quantized=keep_quantized and len(t.shape) > 1,
+                              dtype=dtype, rows=rows)
 
 
 def iter_hf_tensors(g: GGUFFile, config: ModelConfig, keep_quantized: bool) -> Iterator[tuple[str, Any]]:

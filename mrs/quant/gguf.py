@@ -34,19 +34,31 @@ def gguf_tensor_to_jax(
     *,
     keep_quantized: bool,
     dtype: Any,
+    rows: np.ndarray | None = None,
 ) -> jax.Array | QArray:
-    """One GGUF tensor as a JAX value in numpy order (``[out, in]`` for matrices).
+    """One GGUF tensor as a JAX value in numpy order (``[out, in]`` for matrices), its rows
+    (axis 0) in the order ``rows`` if given.
 
     ``data`` and ``shape`` are ``ReaderTensor.data`` / ``ReaderTensor.shape``
-    (GGUF order ``ne0, ne1, ...``, the reverse of numpy's).
+    (GGUF order ``ne0, ne1, ...``, the reverse of numpy's). The work before the tensor goes
+    to the device is numpy's: an eager JAX op compiles on first use, every start.
     """
     np_shape = tuple(int(d) for d in reversed(shape))
     if ggml_type in REPACKABLE:
         packed = repack(data, ggml_type, np_shape)
+        if rows is not None:
+            packed = packed.permute_rows(rows)
         if keep_quantized:
             return to_device(packed)
         return to_device(packed).dequantize(dtype)
-    return jnp.asarray(_float_values(data, ggml_type).reshape(np_shape), dtype=dtype)
+    return jnp.asarray(gguf_tensor_values(data, ggml_type, shape, rows), dtype=dtype)
+
+
+def gguf_tensor_values(data: np.ndarray, ggml_type: T, shape: tuple[int, ...],
+                       rows: np.ndarray | None = None) -> np.ndarray:
+    """A GGUF tensor's float values on the host, in numpy order, rows in the order ``rows``."""
+    values = _float_values(data, ggml_type).reshape(tuple(int(d) for d in reversed(shape)))
+    return values if rows is None else values[np.asarray(rows)]
 
 
 def to_device(q: QArray, device: Any = None) -> QArray:
@@ -55,7 +67,8 @@ def to_device(q: QArray, device: Any = None) -> QArray:
 
 
 def permute_rows(x: Any, perm: np.ndarray) -> Any:
-    """Reorder the rows (output dim, axis 0) of a plain or quantized array."""
+    """Reorder the rows (output dim, axis 0) of a plain or quantized array (a QArray's
+    leaves come back as numpy arrays)."""
     if isinstance(x, QArray):
         return x.permute_rows(perm)
     return jnp.asarray(x)[np.asarray(perm)]

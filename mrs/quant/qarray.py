@@ -87,17 +87,8 @@ class QArray:
             w = w + min_.astype(dtype)[..., None]
         return w.reshape(*w.shape[:-2], self.shape[-1])
 
-    def _all_values(self) -> Array:
-        """Every row's stored integers ``[rows, nblocks, block]``, in row order."""
-        if self.bits == 8:
-            return self.data
-        low = jnp.concatenate([self.data & 0xF, self.data >> 4], axis=0)
-        if self.bits == 4:
-            return low
-        return low | (jnp.concatenate([(self.high >> s) & 3 for s in (0, 2, 4, 6)], axis=0) << 4)
-
     def dequantize(self, dtype: Any = jnp.float32) -> Array:
-        return self._float(self._all_values(), self.scale, self.min, dtype).reshape(self.shape)
+        return self._float(unpack(self.data, self.high, self.bits, jnp), self.scale, self.min, dtype).reshape(self.shape)
 
     def linear(self, x: Array) -> Array:
         """``x @ w.T`` for a 2-D ``[out, in]`` weight.
@@ -137,13 +128,14 @@ class QArray:
         return values
 
     def permute_rows(self, perm: np.ndarray) -> "QArray":
-        """Reorder rows (axis 0 of a 2-D weight), e.g. to undo llama.cpp's Q/K permutation."""
+        """Reorder rows (axis 0 of a 2-D weight), e.g. to undo llama.cpp's Q/K permutation. On
+        the host: the result's leaves are numpy arrays (the loader places them afterwards)."""
         perm = np.asarray(perm)
-        pick = lambda a: None if a is None else jnp.asarray(np.asarray(a)[perm])  # noqa: E731
-        values = np.asarray(self._all_values())[perm]  # packed rows re-form after the shuffle
+        pick = lambda a: None if a is None else np.asarray(a)[perm]  # noqa: E731
+        high = None if self.high is None else np.asarray(self.high)
+        values = unpack(np.asarray(self.data), high, self.bits)[perm]  # packed rows re-form after the shuffle
         data, high = pack(values, self.bits)
-        high = None if high is None else jnp.asarray(high)
-        return QArray(jnp.asarray(data), pick(self.scale), pick(self.min), high=high, **self.meta())
+        return QArray(data, pick(self.scale), pick(self.min), high=high, **self.meta())
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> "QArray":
         """The same layout with ``fn`` applied to each array (``min`` and ``high`` stay None where they are)."""
@@ -176,6 +168,17 @@ def pack(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
         return values, None
     low = pack_row_pairs(values & np.uint8(0xF))
     return (low, None) if bits == 4 else (low, pack_row_quads(values >> np.uint8(4)))
+
+
+def unpack(data: Any, high: Any, bits: int, xp: Any = np) -> Any:
+    """``pack``'s inverse: every row's stored integers ``[rows, nblocks, block]``, in row
+    order; ``xp`` is numpy (on the host) or jax.numpy (inside a jit)."""
+    if bits == 8:
+        return data
+    low = xp.concatenate([data & np.uint8(0xF), data >> np.uint8(4)], axis=0)
+    if bits == 4:
+        return low
+    return low | (xp.concatenate([(high >> np.uint8(s)) & np.uint8(3) for s in (0, 2, 4, 6)], axis=0) << np.uint8(4))
 
 
 # Arrays are children (traced, donated, sharded); the layout description is static.
