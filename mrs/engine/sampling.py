@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrs import host_arrays
 from mrs.engine.bounds import MAX_TOP_LOGPROBS
 
 Array = jax.Array
@@ -90,11 +91,11 @@ def host_row(
 
 def empty_rows(batch: int, vocab_size: int) -> SlotSampling:
     """Neutral parameters for ``batch`` idle slots (greedy, no penalties)."""
-    f = lambda v: jnp.full((batch,), v, jnp.float32)  # noqa: E731
-    i = lambda v: jnp.full((batch,), v, jnp.int32)  # noqa: E731
+    f = lambda v: host_arrays.full((batch,), v, np.float32)  # noqa: E731
+    i = lambda v: host_arrays.full((batch,), v, np.int32)  # noqa: E731
     return SlotSampling(
         f(0.0), i(0), f(1.0), f(0.0), f(0.0), f(0.0), f(1.0),
-        jnp.zeros((batch,), jnp.uint32), i(0), i(0), jnp.zeros((batch, vocab_size), jnp.float32),
+        host_arrays.zeros((batch,), np.uint32), i(0), i(0), host_arrays.zeros((batch, vocab_size), np.float32),
     )
 
 

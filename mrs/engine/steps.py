@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrs import host_arrays
 from mrs.engine.executable_cache import versioned
 from mrs.engine.executables import CompiledStep
 from mrs.engine.sampling import SampleOut, SlotSampling, empty_rows, sample, score_tokens
@@ -125,9 +126,10 @@ class Steps:
         self.model = build_model(config, stage)
         # Incremented while tracing: a compile counter for tests and stats.
         self.traces: Counter[str] = Counter()
-        self.insert = jax.jit(self._insert, donate_argnums=(0,))
         # What the steps close over, beyond their inputs (mrs.engine.executable_cache).
         owner = f"{type(self).__qualname__}:{config!r}:{max_batch}:{kv!r}:{stage!r}"
+        self.insert = CompiledStep(jax.jit(versioned(self._insert), donate_argnums=(0,)), fixed=1,
+                                   static=frozenset(), fingerprint=f"{owner}:insert")
         self.prefill = _step(self._prefill, ("kv_len", "score"), f"{owner}:prefill")
         self.decode = _step(self._decode, ("kv_len", "rows"), f"{owner}:decode")
 
@@ -147,11 +149,11 @@ class Steps:
         b, v = self.max_batch, self.config.vocab_size
         return DecodeState(
             cache=cache,
-            tokens=jnp.zeros((b,), jnp.int32),
-            positions=jnp.full((b,), PAD_POSITION, jnp.int32),
-            step=jnp.zeros((b,), jnp.int32),
-            counts=jnp.zeros((b, v), jnp.int32),
-            seen=jnp.zeros((b, v), bool),
+            tokens=host_arrays.zeros((b,), np.int32),
+            positions=host_arrays.full((b,), PAD_POSITION, np.int32),
+            step=host_arrays.zeros((b,), np.int32),
+            counts=host_arrays.zeros((b, v), np.int32),
+            seen=host_arrays.zeros((b, v), bool),
             sampling=empty_rows(b, v),
         )
 

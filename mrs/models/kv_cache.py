@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mrs import host_arrays
 from mrs.config.schema import EngineConfig
 from mrs.config.units import parse_size
 from mrs.heap import discard_zeroed
@@ -94,7 +95,7 @@ def init_cache(config: ModelConfig, pages: int, page_size: int, dtype: Any = Non
     v_shape = (pages, config.num_kv_heads, page_size, config.head_dim)
     dtype = dtype or config.jnp_dtype
     layers = range(*(stage or (0, config.num_layers)))
-    return tuple((jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in layers)
+    return tuple((host_arrays.zeros(k_shape, dtype), host_arrays.zeros(v_shape, dtype)) for _ in layers)
 
 
 def discard(cache: KVCache, pages: list[int]) -> int:
