@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig, ModelEntry, engine_for, entry_from_dict
+from mrs.engine import warm_start
 from mrs.engine.engine import Engine
 from mrs.engine.image_plan import check_image_count
 from mrs.engine.stream import RequestStream
@@ -318,5 +320,9 @@ def load(
         entry = dataclasses.replace(entry, **entry_fields)
     except TypeError as err:
         raise ConfigError(f"mrs.load: {err}") from None
+    engine_config = engine_for(entry, _engine_config(engine))
+    enable_persistent_cache()
+    warm_key = warm_start.key(entry, engine_config)
+    warm_start.read_ahead(warm_key)  # the executables load while the weights do
     checkpoint = load_checkpoint(entry)
-    return Pipeline(entry, checkpoint, Engine(checkpoint, engine_for(entry, _engine_config(engine))).start())
+    return Pipeline(entry, checkpoint, Engine(checkpoint, engine_config, warm_key).start())

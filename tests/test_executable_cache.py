@@ -1,6 +1,7 @@
 """The on-disk cache of compiled steps (``mrs.engine.executable_cache``): a second start of
-an engine loads its steps without tracing and generates the same tokens; an executable
-that JAX read from its own cache is never stored; entries are keyed by what shapes them."""
+an engine loads its steps without tracing and generates the same tokens, the ones it needs
+before ready read ahead of it (``mrs.engine.warm_start``); an executable that JAX read from
+its own cache is never stored; entries are keyed by what shapes them."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ TESTS = Path(__file__).parent
 # Three engine starts in one fresh process (JAX's cache in the test's folder), each with
 # steps of its own (nothing compiled in memory carries over): the cache filled, the cache
 # read, and the cache emptied while JAX's still holds the steps. Each start reports what
-# it traced (insert, a plain jit, aside), the greedy tokens, and the entries stored.
+# it traced (the insert step too), the greedy tokens, the entries stored, those read ahead
+# of the engine (noted by the start before) and those read ahead but never taken.
 STARTS = textwrap.dedent("""
     import json, pathlib, sys
     from tiny_llama import BOS, tiny_llama
     from mrs.config.schema import EngineConfig
-    from mrs.engine import executable_cache, placed
+    from mrs.engine import executable_cache, placed, warm_start
     from mrs.engine.engine import Engine
     from mrs.engine.types import GenerationRequest, SamplingParams
 
@@ -37,12 +39,15 @@ STARTS = textwrap.dedent("""
 
     def start():
         placed._shared_steps.cache_clear()
-        engine = Engine(checkpoint, config).start()
-        traced = {k: n for k, n in engine._steps.traces.items() if k != "insert"}
+        warm_start.read_ahead("tiny")
+        read_ahead = len(executable_cache._prefetched)
+        engine = Engine(checkpoint, config, warm_start_key="tiny").start()
+        traced = dict(engine._steps.traces)
         request = GenerationRequest([BOS, 5, 6, 7], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
         tokens = [t for event in engine.submit(request) for t in getattr(event, "token_ids", [])]
         engine.shutdown()
-        return {"traced": traced, "tokens": tokens, "stored": len(list(folder.rglob("*.bin")))}
+        return {"traced": traced, "tokens": tokens, "stored": len(list(folder.rglob("*.bin"))),
+                "read_ahead": read_ahead, "untaken": len(executable_cache._prefetched)}
 
     starts = [start(), start()]
     for entry in folder.rglob("*.bin"):
@@ -60,10 +65,14 @@ def test_a_restart_loads_the_steps_without_tracing(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     filled, read, beside_jax = json.loads(done.stdout.strip().splitlines()[-1])
     assert filled["traced"] and filled["stored"] == sum(filled["traced"].values())
-    assert read == {"traced": {}, "tokens": filled["tokens"], "stored": filled["stored"]}
-    assert len(filled["tokens"]) == 6
+    # Read ahead: what the engine used before ready, here every step (nothing compiles in the background).
+    assert read == {"traced": {}, "tokens": filled["tokens"], "stored": filled["stored"],
+                    "read_ahead": filled["stored"], "untaken": 0}
+    assert filled["read_ahead"] == 0 and len(filled["tokens"]) == 6
     # Read from JAX's cache, a step cannot be serialized again whole: nothing is stored.
     assert beside_jax["traced"] and beside_jax["tokens"] == filled["tokens"] and beside_jax["stored"] == 0
+    # Its entries were read ahead from files since deleted: the steps compiled instead.
+    assert beside_jax["read_ahead"] == filled["stored"] and beside_jax["untaken"] == 0
 
 
 def test_an_entry_is_keyed_by_what_shapes_the_step(tmp_path, monkeypatch) -> None:

@@ -19,14 +19,18 @@ The largest ones always stay.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 
+from mrs.engine import executable_cache
 from mrs.engine.at_exit import StopAtExit
 from mrs.heap import release_free_heap
 
@@ -77,10 +81,13 @@ class StepCompiler:
         self._finished.set()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._counting = threading.Lock()  # foreground variants compile on several threads
+        self._logged = 0.0  # when the last progress line went out
         self.total = 0
         self.compiled = 0
         self.loaded = 0  # variants loaded again after being dropped
         self.seconds = 0.0  # compiling, foreground and background together
+        self.foreground_entries: list[str] = []  # the executable cache's entries the foreground used
 
     def ready(self, key: tuple[Any, ...]) -> bool:
         return key in self._ready
@@ -100,8 +107,11 @@ class StepCompiler:
         self.total = len(largest) + len(rest)
         off_thread = getattr(self._steps, "compiles_without_running", False)
         foreground, rest = (largest, rest) if background and off_thread else (largest + rest, [])
-        begin = time.perf_counter()
-        state = self._compile_all(state, foreground, begin, threading.Event())
+        # Several at once where they compile from shapes: loading one from the executable cache,
+        # and XLA's compile, let go of the GIL, and the cores are otherwise idle until ready.
+        workers = min(len(foreground), os.cpu_count() or 1) if off_thread else 1
+        self._logged = time.perf_counter()
+        state = self._compile_all(state, foreground, threading.Event(), workers, self.foreground_entries)
         self._pinned.update(variant_key(*variant) for variant in largest)
         self._touch_all()
         if not off_thread or self._idle_seconds is None:
@@ -173,7 +183,8 @@ class StepCompiler:
     def _work(self, variants: list[Variant]) -> None:
         """The worker thread: compile ``variants``, then load dropped ones as they are wanted."""
         try:
-            self._compile_all(self._spec, variants, time.perf_counter(), self._stopping)
+            self._logged = time.perf_counter()
+            self._compile_all(self._spec, variants, self._stopping)
         except Exception:  # the engine keeps serving with the variants it has
             log.exception("background compile of %s failed", self._source)
         finally:
@@ -201,18 +212,31 @@ class StepCompiler:
             self._ready[key] = time.monotonic()
         return state
 
-    def _compile_all(self, state: Any, variants: list[Variant], begin: float, stop: threading.Event) -> Any:
-        logged = begin
+    def _compile_all(self, state: Any, variants: list[Variant], stop: threading.Event, workers: int = 1,
+                     entries: list[str] | None = None) -> Any:
+        """Compile ``variants`` (in order on one thread; on ``workers`` threads only for steps
+        that compile without running, which leave the state as it is), noting in ``entries``
+        the executable cache's entries they used."""
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="mrs-warm-up") as pool:
+                list(pool.map(lambda variant: stop.is_set() or self._compile_one(state, variant, entries), variants))
+            return state
         for variant in variants:
             if stop.is_set():
                 break
-            started = time.perf_counter()
+            state = self._compile_one(state, variant, entries)
+        return state
+
+    def _compile_one(self, state: Any, variant: Variant, entries: list[str] | None) -> Any:
+        started = time.perf_counter()
+        with contextlib.nullcontext() if entries is None else executable_cache.recording(entries):
             state = self._warm(state, variant)
+        now = time.perf_counter()
+        with self._counting:
             self.compiled += 1
-            now = time.perf_counter()
             self.seconds += now - started
-            if now - logged >= PROGRESS_LOG_SECONDS or self.compiled == self.total:  # a sign of life
+            if now - self._logged >= PROGRESS_LOG_SECONDS or self.compiled == self.total:  # a sign of life
                 log.info("warm-up of %s: %d/%d step variants compiled (%.1f s)", self._source, self.compiled,
                          self.total, self.seconds)
-                logged = now
+                self._logged = now
         return state

@@ -37,6 +37,7 @@ import numpy as np
 
 from mrs.compile_cache import enable_persistent_cache
 from mrs.config.schema import EngineConfig
+from mrs.engine import executable_cache, warm_start
 from mrs.engine.at_exit import StopAtExit
 from mrs.engine.compiler import StepCompiler, Variant, variant_key
 from mrs.engine.detokenizer import IncrementalDetokenizer
@@ -73,8 +74,10 @@ class _Step:
 
 
 class Engine:
-    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None,
+                 warm_start_key: str | None = None) -> None:
         self.checkpoint = checkpoint
+        self._warm_start_key = warm_start_key  # where to note the executables used before ready
         self.config = config or EngineConfig()
         self.tokenizer = checkpoint.tokenizer
         model_config = checkpoint.config
@@ -320,13 +323,16 @@ class Engine:
             self.checkpoint.config.vocab_size, temperature=1.0, top_k=2, top_p=0.9, min_p=0.0,
             presence=0.0, frequency=0.0, repetition=1.0, seed=0, choice=0, top_logprobs=1, logit_bias={},
         )
-        self._state = self._steps.insert(self._state, np.int32(0), row)
+        entries: list[str] = []  # the executable cache's, for the next start (mrs.engine.warm_start)
+        with executable_cache.recording(entries):
+            self._state = self._steps.insert(self._state, np.int32(0), row)
         self._pages.reserve(0, self.context_limit)  # real pages: staged placements run their variants
         self._pages.grow(0, self.context_limit)
         if self._encode is not None:
             self._encode.warm(self._vision_params)
         largest, rest = self._variants()
         self._state = self._compiler.compile(self._state, largest, rest, self.config.compile_in_background)
+        warm_start.remember(self._warm_start_key, entries + self._compiler.foreground_entries)
         jax.block_until_ready(self._state)
         self._pages.release(0)
         self._new_state(self._state.cache)  # a new pool would write all its zeros again

@@ -17,10 +17,13 @@ misses (after an upgrade of mrs, say), a step's jitted function carries mrs's so
 version in its name (``versioned``), which JAX's cache keys by.
 
 Loading runs what the entry holds, as JAX's cache does: the folder must be the user's own.
+Entries can be read ahead of the step that asks for them (``prefetch``, which
+``mrs.engine.warm_start`` drives); ``recording`` notes which entries a thread used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -30,7 +33,8 @@ import shutil
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,9 @@ log = logging.getLogger(__name__)
 FOLDER = "mrs-executables"
 KEPT_VERSIONS = 3  # source versions whose entries stay (the newest used)
 _JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
-_thread = threading.local()  # whether JAX's cache served the compile running on this thread
+_thread = threading.local()  # whether JAX's cache served the compile running on this thread; its recording
+_prefetched: dict[str, Future[Any]] = {}  # entry -> its executable, being read ahead of use
+_prefetched_lock = threading.Lock()
 
 
 @functools.cache
@@ -128,12 +134,59 @@ def load_or_compile(entry: str | None, compile_step: Callable[[], Any]) -> tuple
     folder = version_folder()
     assert folder is not None
     path = folder / f"{entry}.bin"
-    executable = _load(path)
+    executable = _prefetched_executable(entry) or _load(path)
     if executable is not None:
+        _record(entry)
         return executable, True
     _thread.jax_cache_hit = False
     executable = compile_step()
-    return executable, not _thread.jax_cache_hit and _store(path, executable)
+    kept = not _thread.jax_cache_hit and _store(path, executable)
+    if kept:
+        _record(entry)
+    return executable, kept
+
+
+@contextlib.contextmanager
+def recording(entries: list[str]) -> Iterator[None]:
+    """Append to ``entries`` each entry this thread loads or stores meanwhile."""
+    _thread.recording = entries
+    try:
+        yield
+    finally:
+        _thread.recording = None
+
+
+def _record(entry: str) -> None:
+    if (entries := getattr(_thread, "recording", None)) is not None:
+        entries.append(entry)
+
+
+def prefetch(entries: list[str]) -> None:
+    """Start reading ``entries`` on background threads (one per core: loading is C++ that lets
+    go of the GIL), for ``load_or_compile`` to take when a step asks for one."""
+    folder = version_folder()
+    with _prefetched_lock:
+        entries = [e for e in entries if e not in _prefetched]
+        if folder is None or not entries:
+            return
+        native.available()  # the kernels the steps call are registered before one loads
+        pool = ThreadPoolExecutor(min(len(entries), os.cpu_count() or 1), thread_name_prefix="mrs-prefetch")
+        for entry in entries:
+            _prefetched[entry] = pool.submit(_load, folder / f"{entry}.bin")
+        pool.shutdown(wait=False)
+
+
+def drop_prefetched(entries: list[str]) -> None:
+    """Forget what was read ahead for ``entries`` and not asked for (its memory goes)."""
+    with _prefetched_lock:
+        for entry in entries:
+            _prefetched.pop(entry, None)
+
+
+def _prefetched_executable(entry: str) -> Any:
+    with _prefetched_lock:
+        future = _prefetched.pop(entry, None)
+    return None if future is None else future.result()
 
 
 def _load(path: Path) -> Any:

@@ -5,8 +5,9 @@ without going through ``jax.jit``'s caches. That is what lets ``release_lowered_
 (``mrs.compile_cache``) empty those caches after each compile: they hold every lowered
 module (about 5 MiB per step variant of the quickstart models: ``tools/bench_memory.py``
 went from 68 to 63 MiB per compiled variant), and an executable that has never run is
-reachable only through them. A call whose arguments no compiled variant takes runs
-through ``jax.jit`` (tracing and compiling it on first use), as before.
+reachable only through them. A call whose arguments no compiled variant takes compiles
+that variant first, as ``compile`` does (so it is loaded from the executable cache when
+that holds it, and stored there when not).
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class CompiledStep:
         return tree, tuple(map(_leaf_type, leaves)), static
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        executable = self._executables.get(self._variant(args, kwargs))
-        if executable is None:
-            return self._jitted(*args, **kwargs)
+        variant = self._variant(args, kwargs)
+        executable = self._executables.get(variant)
+        if executable is None:  # compiled for these arguments (or loaded from disk) on first use
+            self.compile(*args, **kwargs)
+            executable = self._executables[variant]
         return executable(*args, **{k: v for k, v in kwargs.items() if k not in self._static})
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
