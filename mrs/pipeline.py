@@ -324,5 +324,9 @@ def load(
     enable_persistent_cache()
     warm_key = warm_start.key(entry, engine_config)
     warm_start.read_ahead(warm_key)  # the executables load while the weights do
-    checkpoint = load_checkpoint(entry)
-    return Pipeline(entry, checkpoint, Engine(checkpoint, engine_config, warm_key).start())
+    try:
+        checkpoint = load_checkpoint(entry)
+        return Pipeline(entry, checkpoint, Engine(checkpoint, engine_config, warm_key).start())
+    except BaseException:
+        warm_start.drop(warm_key)
+        raise

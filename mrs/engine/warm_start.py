@@ -61,7 +61,7 @@ def remember(warm_key: str | None, entries: list[str]) -> None:
     ahead for it and not used."""
     if warm_key is None:
         return
-    executable_cache.drop_prefetched(_read_ahead.pop(warm_key, []))
+    drop(warm_key)
     path = _manifest(warm_key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,3 +70,9 @@ def remember(warm_key: str | None, entries: list[str]) -> None:
         os.replace(file.name, path)
     except OSError as error:  # a read-only cache: only slower
         log.debug("warm start not noted (%s): %s", path, error)
+
+
+def drop(warm_key: str | None) -> None:
+    """Forget what was read ahead under ``warm_key`` and not taken (a load that failed, or done)."""
+    if warm_key is not None:
+        executable_cache.drop_prefetched(_read_ahead.pop(warm_key, []))
