@@ -86,7 +86,7 @@ class StepCompiler:
         self.total = 0
         self.compiled = 0
         self.loaded = 0  # variants loaded again after being dropped
-        self.seconds = 0.0  # compiling, foreground and background together
+        self.seconds = 0.0  # compiling, summed over variants (those compiled at once overlap)
         self.foreground_entries: list[str] = []  # the executable cache's entries the foreground used
 
     def ready(self, key: tuple[Any, ...]) -> bool:
@@ -236,7 +236,7 @@ class StepCompiler:
             self.compiled += 1
             self.seconds += now - started
             if now - self._logged >= PROGRESS_LOG_SECONDS or self.compiled == self.total:  # a sign of life
-                log.info("warm-up of %s: %d/%d step variants compiled (%.1f s)", self._source, self.compiled,
+                log.info("warm-up of %s: %d/%d step variants compiled (%.1f s of compiling)", self._source, self.compiled,
                          self.total, self.seconds)
                 self._logged = now
         return state
