@@ -15,7 +15,7 @@ from mrs.errors import ConfigError
 from mrs.models.kv_cache import init_cache
 from mrs.models.llama import config_from_hf
 from mrs.quant import QArray, blockfit, cache_bytes, param_bytes, quantize_params, resolve_scheme
-from mrs.quant.gguf import gguf_tensor_to_jax, permute_rows
+from mrs.quant.gguf import gguf_tensor_to_jax
 from mrs.quant.isq import SCHEMES, quantize_array
 
 ROWS, COLS = 24, 512  # COLS: two Q4_K/Q6_K super-blocks, sixteen 32-blocks
@@ -139,8 +139,10 @@ def test_take_rows_and_permute_rows(qarray: QArray) -> None:
     rows = jax.jit(lambda w, i: w.take_rows(i, jnp.float32))(qarray, ids)
     np.testing.assert_array_equal(np.asarray(rows), dense[np.asarray(ids)])
     perm = np.random.default_rng(3).permutation(qarray.shape[0])
-    np.testing.assert_array_equal(_dense(permute_rows(qarray, perm)), dense[perm])
-    np.testing.assert_array_equal(np.asarray(permute_rows(jnp.asarray(dense), perm)), dense[perm])
+    np.testing.assert_array_equal(_dense(qarray.permute_rows(perm)), dense[perm])
+    # A float GGUF tensor (shape in GGUF order) takes the loader's row order too.
+    plain = gguf_tensor_to_jax(dense, T.F32, dense.shape[::-1], keep_quantized=False, dtype=jnp.float32, rows=perm)
+    np.testing.assert_array_equal(np.asarray(plain), dense[perm])
 
 
 def test_bfloat16_dequantize_and_linear(qarray: QArray) -> None:

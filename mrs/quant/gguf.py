@@ -64,11 +64,3 @@ def gguf_tensor_values(data: np.ndarray, ggml_type: T, shape: tuple[int, ...],
 def to_device(q: QArray, device: Any = None) -> QArray:
     """A numpy-backed QArray with its leaves placed on ``device`` (default device if None)."""
     return jax.tree.map(lambda a: jax.device_put(a, device), q)
-
-
-def permute_rows(x: Any, perm: np.ndarray) -> Any:
-    """Reorder the rows (output dim, axis 0) of a plain or quantized array (a QArray's
-    leaves come back as numpy arrays)."""
-    if isinstance(x, QArray):
-        return x.permute_rows(perm)
-    return jnp.asarray(x)[np.asarray(perm)]
