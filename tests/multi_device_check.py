@@ -158,6 +158,14 @@ def llama_checks() -> None:
     check_stages(engine, layers, tied=False)
     print(f"OK num_device_layers={spec}", flush=True)
 
+    # A second engine of this layout loads the last stage's steps from the executable cache:
+    # each runs on one device of the four, and is loaded for that one alone.
+    engine, got = generate(dataclasses.replace(checkpoint, placement=placement))
+    assert_same(got, want, f"num_device_layers={spec} again")
+    last_stage_traces = [key for key in engine._steps.traces if key.split("/")[0] in ("insert", "prefill", "decode")]
+    assert not last_stage_traces, last_stage_traces
+    print(f"OK num_device_layers={spec} from the executable cache", flush=True)
+
     # ["N"]: the first N layers on the first accelerator (device 3 here), the rest on the
     # host. On this CPU-only host the first accelerator is the host, so pass them in.
     dmap = device_map(["1"], 3, devices=devices[3:], host=devices[0])

@@ -103,13 +103,16 @@ def test_stage_params_hold_what_each_stage_reads() -> None:
     assert whole == gpt2
 
 
-def test_four_host_devices() -> None:
+def test_four_host_devices(tmp_path) -> None:
     """The Engine on placed models: parameters and KV cache per layer where asked, outputs
-    equal to one device (see multi_device_check.py)."""
+    equal to one device, steps stored in an empty executable cache and loaded back (see
+    multi_device_check.py)."""
     script = Path(__file__).with_name("multi_device_check.py")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path))
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    for check in ("num_device_layers=['1:1;2:1']", "num_device_layers=['1']",
+    for check in ("num_device_layers=['1:1;2:1']", "num_device_layers=['1:1;2:1'] from the executable cache",
+                  "num_device_layers=['1']",
                   "num_device_layers=['1:2'] gemma3 Q8_0", "tensor_parallel=2 gemma3 Q8_0"):
         assert f"OK {check}" in result.stdout, result.stdout

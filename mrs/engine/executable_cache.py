@@ -196,8 +196,12 @@ def _load(path: Path) -> Any:
         return None
     try:
         os.utime(path.parent)  # marks the version as used (see _prune)
-        serialized, in_tree, out_tree = pickle.loads(zlib.decompress(blob))
-        return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+        serialized, in_tree, out_tree, (platform, device_ids) = pickle.loads(zlib.decompress(blob))
+        # On its own devices: by default JAX loads it for all the default backend's devices,
+        # and it then wants one shard of each input per device.
+        by_id = {d.id: d for d in jax.devices(platform)}
+        return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree, backend=platform,
+                                                         execution_devices=[by_id[i] for i in device_ids])
     except Exception as error:  # a damaged or foreign entry: compile instead, and replace it
         log.warning("ignoring the cached executable %s: %s", path, error)
         path.unlink(missing_ok=True)
@@ -207,7 +211,9 @@ def _load(path: Path) -> Any:
 def _store(path: Path, executable: Any) -> bool:
     """Write ``executable`` under ``path``; whether it was written."""
     try:
-        blob = zlib.compress(pickle.dumps(serialize_executable.serialize(executable)), 1)
+        devices = executable.runtime_executable().local_devices()
+        placement = devices[0].platform, [d.id for d in devices]
+        blob = zlib.compress(pickle.dumps((*serialize_executable.serialize(executable), placement)), 1)
         new_version = not path.parent.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:  # whole or absent
