@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="waiting requests per model before 429 (default %(default)s)")
     parser.add_argument("--prefill-buckets", type=_int_list, default=None,
                         help="comma-separated padded prompt lengths to compile, e.g. 64,256")
+    parser.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps, metavar="N",
+                        help="tokens per sequence one decode call may make; 1 streams each token as soon as it "
+                             "is sampled (default %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="compile lazily instead of before serving")
     parser.add_argument("--compile-before-serving", action="store_true",
                         help="compile every step variant before a model reports ready (default: the largest "
@@ -175,7 +178,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     engine = EngineConfig(
         max_batch=args.max_seqs, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
         kv_tokens=args.kv_tokens, kv_memory=args.kv_memory, kv_page_size=args.kv_page_size, kv_dtype=args.kv_dtype,
-        prefix_cache=not args.no_prefix_cache,
+        prefix_cache=not args.no_prefix_cache, decode_steps=args.decode_steps,
         warmup=not args.no_warmup, compile_in_background=not args.compile_before_serving,
         variant_idle_s=None if args.variant_idle < 0 else args.variant_idle,
     )

@@ -124,8 +124,8 @@ def check_mesh_decode_local(engine: Engine) -> None:
     have no partitioning rule) and gathers no quantized weight, only activations."""
     key = next(key for key in engine._steps.traces if key.startswith("decode/"))
     rows, kv_len = map(int, key.split("/")[1:])
-    active = jnp.ones((CONFIG.max_batch,), bool)
-    lowered = engine._steps.decode.lower(engine._params, engine._state, active, engine._all_allowed,
+    steps = jnp.ones((CONFIG.max_batch,), jnp.int32)
+    lowered = engine._steps.decode.lower(engine._params, engine._state, steps, engine._all_allowed,
                                          engine._pages.tables, kv_len=kv_len, rows=rows)
     hlo = lowered.compile().as_text()
     assert "mrs_qmatmul" not in hlo and "mrs_decode_attention" not in hlo

@@ -122,6 +122,40 @@ def test_seeded_sampling_same_across_batch_compositions(engine) -> None:
     assert other_seed != alone
 
 
+def test_several_tokens_per_decode_call_equal_one_per_call(engine, tiny) -> None:
+    """The module's engine makes up to 4 tokens per decode call (the default decode_steps):
+    the same tokens and logprobs as calls of one, where requests end mid-call (a stop
+    string, max_tokens that 4 does not divide) and penalties count each token."""
+    one = Engine(tiny[0], dataclasses.replace(CONFIG, max_batch=4, decode_steps=1, warmup=False)).start()
+    try:
+        ids = prompt(11, seed=8)
+        # (first: a call dispatched before its request's last token was seen ends after it)
+        before = engine.stats()
+        run(engine, ids, temperature=0.0, max_tokens=17, ignore_eos=True)  # the prefill's token, then 16
+        after = engine.stats()
+        assert after["decode_calls"] - before["decode_calls"] == 4
+        assert after["decode_steps"] - before["decode_steps"] == 16
+        tok = tiny[0].tokenizer
+        letters = {tok.convert_tokens_to_ids(c): 100.0 for c in "abcdefghijklmnopqrstuvwxyz"}  # printable output
+        printable = dict(temperature=0.0, max_tokens=14, ignore_eos=True, logit_bias=letters)
+        text, _, _ = run(one, ids, **printable)
+        requests = [
+            dict(temperature=0.0, max_tokens=23, ignore_eos=True, logprobs=True, top_logprobs=3),
+            dict(temperature=0.9, seed=7, max_tokens=18, frequency_penalty=0.5, presence_penalty=0.3, ignore_eos=True),
+            printable | {"stop": [tok.decode(text[6:9])]},  # ends mid-call: after the 6th token
+            printable | {"stop_token_ids": [text[9]]},
+        ]
+        for sampling in requests:
+            (want, want_deltas, want_end), (got, got_deltas, got_end) = (run(e, ids, **sampling) for e in (one, engine))
+            assert got == want and got_end.reason == want_end.reason, sampling
+            assert "".join(d.text for d in got_deltas) == "".join(d.text for d in want_deltas)
+            if sampling.get("logprobs"):
+                np.testing.assert_allclose([lp.logprob for d in got_deltas for lp in d.logprobs],
+                                           [lp.logprob for d in want_deltas for lp in d.logprobs], atol=1e-6)
+    finally:
+        one.shutdown()
+
+
 def test_top_k_one_equals_greedy(engine) -> None:
     ids = prompt(10, seed=6)
     greedy, _, _ = run(engine, ids, temperature=0.0, max_tokens=16, ignore_eos=True)

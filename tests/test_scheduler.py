@@ -80,12 +80,29 @@ def test_decode_plans_grow_pages_and_skip_what_cannot_step() -> None:
         scheduler.admitted(*scheduler.next_admission(), [])
     plan = scheduler.plan_decode()
     # max_tokens 1: its prefill's token was its last, so that slot does not step
-    assert list(plan.active) == [True, False, True, False] and plan.rows == 3 and plan.longest == 8
+    assert list(plan.steps) == [1, 0, 1, 0] and plan.rows == 3 and plan.longest == 8
     assert scheduler.pages.tables[0, 0] != scheduler.pages.tables[2, 0]
     assert plan.owners[1] is None and plan.constrained == []
     held = scheduler.pages.used
     plan = scheduler.plan_decode()  # position 8 of the first needs its second page
     assert scheduler.pages.used == held + 1 and plan.longest == 9
+
+
+def test_several_tokens_per_decode_call_stop_at_max_tokens_and_wait_for_a_grammar() -> None:
+    scheduler = _scheduler(slots=4, pages=16)
+    reqs = [_request(7, 4), _request(16, 1), _request(3, 30)]
+    for req in reqs:
+        scheduler.enqueue(req)
+        scheduler.admitted(*scheduler.next_admission(), [])
+    plan = scheduler.plan_decode(4)
+    # 3 tokens left after the prefill's, none, 29: each makes what is left, at most 4
+    assert list(plan.steps) == [3, 0, 4, 0] and plan.longest == 10
+    assert [seq.dispatched for seq in scheduler.running()] == [3, 0, 4]
+    assert scheduler.pages.used == 3  # 10 tokens on two pages of 8, 7 on one
+    assert scheduler.plan_decode(4).steps.tolist() == [0, 0, 4, 0]  # the first is at its max_tokens
+    scheduler.running()[2].constraint = object()  # a grammar: one token per call, for every slot
+    scheduler.running()[2].generated = 9  # the host has seen all of its tokens
+    assert scheduler.plan_decode(4).steps.tolist() == [0, 0, 1, 0]
 
 
 def test_choices_share_the_prompt_pages_the_first_registered() -> None:

@@ -114,6 +114,11 @@ def test_seed_cli_single_model_forms() -> None:
     assert serve_config(["model=smollm2-135m", "engine.variant_idle_s=null"]).engine.variant_idle_s is None
     with pytest.raises(ConfigError, match="variant_idle_s"):
         serve_config(["model=smollm2-135m", "engine.variant_idle_s=-5"])
+    assert config.engine.decode_steps == 4
+    assert _cli("--decode-steps", "1", "gguf", "-m", "x.gguf").engine.decode_steps == 1
+    assert serve_config(["model=smollm2-135m", "engine.decode_steps=2"]).engine.decode_steps == 2
+    with pytest.raises(ConfigError, match="decode_steps"):
+        serve_config(["model=smollm2-135m", "engine.decode_steps=0"])
     assert entry.model_id == "microsoft/DialoGPT-medium" and entry.model.arch == "gpt2" and entry.model.kind == PLAIN
     config = _cli("--isq", "Q8_0", "gguf", "-m", "/models", "-f", "x.gguf", "-t", "tok/repo", "--dtype", "bfloat16")
     (entry,) = config.models

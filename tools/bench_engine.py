@@ -1,7 +1,7 @@
 """Continuous batching under load: SmolLM2-135M at 1, 8 and 32 concurrent requests.
 
     python tools/bench_engine.py [--tokens 128] [--concurrency 1 8 32] [--packed] [--dtype bfloat16]
-                                 [--constrained 1 16]
+                                 [--constrained 1 16] [--decode-steps 4]
 
 Each request generates ``--tokens`` new tokens (greedy, EOS ignored) from its own
 prompt; all requests of a level are submitted at once. Prints one table: aggregate
@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--packed", action="store_true", help="keep GGUF tensors packed instead of expanding them")
+    parser.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps,
+                        help="tokens per slot one decode call may make (engine.decode_steps)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="the model's dtype: expanded weights, activations and the KV cache")
     parser.add_argument("--constrained", type=int, nargs="*", default=[],
@@ -220,10 +222,12 @@ def main() -> None:
     prompts = [tok.encode(t) for t in texts]
     max_batch = max(args.concurrency)
     config = EngineConfig(max_batch=max_batch, max_seq_len=64 + args.tokens, prefill_buckets=[32, 64],
+                          decode_steps=args.decode_steps,
                           compile_in_background=False)  # steady-state figures: everything compiled first
     engine = Engine(checkpoint, config).start()
     print(f"warm-up {engine.stats()['warmup_s']:.1f}s, {max_batch} slots, "
           f"weights {'packed GGUF' if args.packed else args.dtype}, activations and KV cache {args.dtype}, "
+          f"up to {args.decode_steps} tokens per decode call, "
           f"on {jax.devices()[0].device_kind}")
     rows = {c: asyncio.run(run_level(engine, prompts[:c], args.tokens)) for c in args.concurrency}
     grammar_rows = {k: asyncio.run(run_level(engine, prompts[:16], args.tokens, k)) for k in args.constrained}

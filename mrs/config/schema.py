@@ -61,6 +61,10 @@ class EngineConfig:
     prefix_cache: bool = True  # prompts that start like an earlier one reuse its KV pages
     max_queue: int = 256  # waiting requests before submit raises Overloaded
     prefill_buckets: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    # Tokens per slot that one decode call may make (a loop on the device): the host's share
+    # of each call is paid once for them. Calls make one while a request waits to be admitted
+    # or a slot decodes under a grammar; 1 streams every token as soon as it is sampled.
+    decode_steps: int = 4
     warmup: bool = True  # compile the step variants ahead of use (else each compiles when first run)
     # Report ready once the largest variants compile and compile the rest while serving
     # (mrs.engine.compiler); false: compile every variant before reporting ready.

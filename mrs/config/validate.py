@@ -42,6 +42,9 @@ def check_serve_config(config: ServeConfig) -> None:
     engine = config.engine
     if engine.max_batch < 1 or engine.max_seq_len < 1 or engine.max_queue < 0:
         raise ConfigError("engine: max_batch and max_seq_len must be >= 1, max_queue >= 0")
+    if engine.decode_steps < 1:
+        raise ConfigError("engine.decode_steps must be >= 1 (tokens per slot one decode call may make)",
+                          param="decode_steps")
     if engine.variant_idle_s is not None and engine.variant_idle_s < 0:
         raise ConfigError("engine.variant_idle_s must be >= 0 (null keeps every step variant in memory)",
                           param="variant_idle_s")

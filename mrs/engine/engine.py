@@ -67,8 +67,9 @@ _running: StopAtExit[Engine] = StopAtExit(lambda engine: engine.shutdown(timeout
 
 @dataclass
 class _Step:
-    out: SampleOut
+    out: SampleOut  # [decode_steps, rows, ...]
     owners: list[Seq | None]
+    steps: np.ndarray  # int32 [max_batch]: how many of its tokens each slot runs
     started: float
     constrained: bool  # some owner has a grammar: the next step needs this one's tokens first
 
@@ -105,7 +106,8 @@ class Engine:
         # history is often a few dozen tokens, and a chunk's cost grows with its padded length.
         self._short_chunk = self._prefill_buckets[1] if len(self._prefill_buckets) > 2 else None
         self._batch_buckets = batch_buckets(self.max_batch)
-        self._steps = build_steps(model_config, self.max_batch, self._kv, checkpoint.placement)
+        self._steps = build_steps(model_config, self.max_batch, self._kv, checkpoint.placement,
+                                  self.config.decode_steps)
         # A decode kernel that reads each sequence's length costs the same at every kv_len:
         # one attention length per batch bucket then (a third of the decode variants to compile and hold).
         self._decode_kv_buckets = [self.context_limit] if self._steps.decode_reads_lengths else self._kv_buckets
@@ -126,6 +128,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._tokens_generated = 0
         self._steps_run = 0
+        self._calls_run = 0
         self._step_seconds = 0.0
         self._warmup_seconds = 0.0
         self._kv_cache_bytes = 0  # measured once the engine thread allocates the cache
@@ -220,7 +223,8 @@ class Engine:
             "slots_total": self.max_batch,
             "queue_depth": self._scheduler.queue_depth,
             "tokens_generated": self._tokens_generated,
-            "decode_steps": self._steps_run,
+            "decode_steps": self._steps_run,  # token steps; a call may run several (decode_steps)
+            "decode_calls": self._calls_run,
             "step_time_ms": 1000 * self._step_seconds,
             "warmup_s": self._warmup_seconds,
             "compile_s": self._compiler.seconds,
@@ -344,9 +348,9 @@ class Engine:
         mask, top_kv = self._all_allowed[0], self._kv_buckets[-1]
         chunk = self._prefill_buckets[-1]
         starts = self._continuations(chunk)
-        active = np.zeros(self.max_batch, bool)
-        active[0] = True
-        decode = [("decode", (active, self._unconstrained, self._pages.tables.copy()), {"kv_len": kv_len, "rows": rows})
+        steps = np.zeros(self.max_batch, np.int32)
+        steps[0] = 1
+        decode = [("decode", (steps, self._unconstrained, self._pages.tables.copy()), {"kv_len": kv_len, "rows": rows})
                   for rows in self._batch_buckets for kv_len in self._decode_kv_buckets]
         largest = [decode.pop()]
         rest: list[Variant] = decode
@@ -564,29 +568,38 @@ class Engine:
         return admitted
 
     def _dispatch(self) -> _Step | None:
-        """Launch one decode step for every slot that may still produce a token."""
-        plan = self._scheduler.plan_decode()
+        """Launch one decode call for every slot that may still produce a token: several steps
+        of it while no slot has a grammar (whose next mask needs each token on the host) and no
+        request waits to be admitted (it would wait for all of them)."""
+        several = self._steps.decode_steps > 1 and not self._scheduler.admissible()
+        plan = self._scheduler.plan_decode(self._steps.decode_steps if several else 1)
         if plan is None:
             return None
         started = time.perf_counter()
         kv_len, rows = self._decode_shape(plan.longest, plan.rows)  # slots fill lowest first
         mask = self._masks(plan.constrained, self.max_batch) if plan.constrained else self._unconstrained
         pages = self._pages.tables.copy()  # a fresh array: see _masks
-        self._state, out = self._steps.decode(self._params, self._state, plan.active, mask, pages, kv_len=kv_len,
+        self._state, out = self._steps.decode(self._params, self._state, plan.steps, mask, pages, kv_len=kv_len,
                                               rows=rows)
-        return _Step(out, plan.owners, started, bool(plan.constrained))
+        return _Step(out, plan.owners, plan.steps, started, bool(plan.constrained))
 
     def _fetch(self, step: _Step) -> SampleOut:
         host = jax.device_get(step.out)  # the one device-to-host copy of this step
-        self._steps_run += 1
-        self._step_seconds = time.perf_counter() - step.started
+        steps = int(step.steps.max())
+        self._steps_run += steps
+        self._calls_run += 1
+        self._step_seconds = (time.perf_counter() - step.started) / steps
         return host
 
     def _emit_rows(self, step: _Step, host: SampleOut, *, constrained: bool) -> None:
-        """Emit the step's tokens of its constrained (or its unconstrained) owners."""
+        """Emit the step's tokens of its constrained (or its unconstrained) owners, each row's
+        in order until its sequence ends (the call's later tokens for it are dropped)."""
         for i, seq in enumerate(step.owners):
-            if seq is not None and not seq.done and (seq.constraint is not None) == constrained:
-                self._emit_isolated(seq, host, i)
+            if seq is not None and (seq.constraint is not None) == constrained:
+                for j in range(step.steps[i]):
+                    if seq.done:
+                        break
+                    self._emit_isolated(seq, jax.tree.map(lambda x: x[j], host), i)
 
     def _emit_first(self, seq: Seq, out: SampleOut) -> None:
         if not seq.done:

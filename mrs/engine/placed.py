@@ -35,27 +35,29 @@ Array = jax.Array
 T = TypeVar("T")
 
 
-def build_steps(config: ModelConfig, max_batch: int, kv: KVGeometry, placement: Placement) -> Any:
-    """``Steps`` or its multi-device counterpart; all share insert/prefill/decode/init_state/empty_slots/place_params."""
+def build_steps(config: ModelConfig, max_batch: int, kv: KVGeometry, placement: Placement, decode_steps: int) -> Any:
+    """``Steps`` or its multi-device counterpart; all share insert/prefill/decode/init_state/empty_slots/place_params
+    and ``decode_steps`` (a staged model's is 1: each step passes through every stage)."""
     if placement.mesh is not None:
-        return MeshSteps(config, max_batch, kv, placement.mesh)
+        return MeshSteps(config, max_batch, kv, placement.mesh, decode_steps)
     if placement.layers is not None:
         return StagedSteps(config, max_batch, kv, placement.layers)
-    return _shared_steps(config, max_batch, kv)
+    return _shared_steps(config, max_batch, kv, decode_steps)
 
 
 @lru_cache(maxsize=8)
-def _shared_steps(config: ModelConfig, max_batch: int, kv: KVGeometry) -> Steps:
+def _shared_steps(config: ModelConfig, max_batch: int, kv: KVGeometry, decode_steps: int) -> Steps:
     """One ``Steps`` per model and engine shape in this process: its jitted functions keep
     their compiled executables, so reloading an unloaded or evicted model (or a second
     engine of the same shape) neither traces nor compiles again. The parameters are
     arguments of the steps, never captured, so an unloaded model's weights are not kept."""
-    return Steps(config, max_batch, kv)
+    return Steps(config, max_batch, kv, decode_steps=decode_steps)
 
 
 class MeshSteps(Steps):
-    def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, mesh: jax.sharding.Mesh) -> None:
-        super().__init__(config, max_batch, kv)
+    def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, mesh: jax.sharding.Mesh,
+                 decode_steps: int) -> None:
+        super().__init__(config, max_batch, kv, decode_steps=decode_steps)
         self.mesh = mesh
 
     def place_params(self, params: Any) -> Any:
@@ -121,6 +123,7 @@ class StagedSteps:
         *lead, (self._device, last) = self._stages
         self._last = Steps(config, max_batch, kv, stage=(last.start, last.stop))
         self.traces = self._last.traces
+        self.decode_steps = self._last.decode_steps  # one
         self._leads = [_LeadStage(config, device, layers, self.traces) for device, layers in lead]
         self._inputs = jax.jit(decode_inputs, static_argnames=("rows",))
         # Every stage attends as the last one does (the same kernels, the same cache dtype).
@@ -168,13 +171,13 @@ class StagedSteps:
                                         final, mask, pages, inputs, targets, kv_len=kv_len, score=score)
         return self._joined(state, caches), out
 
-    def decode(self, params: list[dict], state: DecodeState, active: Array, mask: Array, pages: Array, *,
+    def decode(self, params: list[dict], state: DecodeState, steps: Array, mask: Array, pages: Array, *,
                kv_len: int, rows: int) -> tuple[DecodeState, SampleOut]:
         caches = self._split(state.cache)
-        tokens, positions = self._inputs(state.tokens, state.positions, active, rows=rows)
+        tokens, positions = self._inputs(state.tokens, state.positions, steps > 0, rows=rows)
         inputs = self._run_leads(params, caches, tokens, lambda stage, p, cache, x: stage.decode(
             p, cache, x, jax.device_put(positions, stage.device), pages, kv_len=kv_len))
-        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), active, mask, pages, inputs,
+        state, out = self._last.decode(params[-1], state._replace(cache=caches[-1]), steps, mask, pages, inputs,
                                        kv_len=kv_len, rows=rows)
         return self._joined(state, caches), out
 

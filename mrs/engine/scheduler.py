@@ -77,7 +77,7 @@ class Seq:
 class DecodePlan:
     """The slots one decode step runs."""
 
-    active: np.ndarray  # bool [max_batch]
+    steps: np.ndarray  # int32 [max_batch]: the tokens each slot makes (0: idle)
     owners: list[Seq | None]  # the sequence behind each active slot
     constrained: list[tuple[int, Seq]]  # (slot, sequence) with a grammar
     rows: int  # slots up to the highest active one
@@ -182,27 +182,32 @@ class Scheduler:
             return (bool(self._waiting) and any(s is None for s in self.slots)
                     and self.pages.fits(self._waiting[0].budget))
 
-    def plan_decode(self) -> DecodePlan | None:
-        """The next decode step's slots: every running sequence that may still sample, but a
-        constrained one whose last token is in flight; each gets the page its new token needs."""
-        active = np.zeros(len(self.slots), bool)
+    def plan_decode(self, most: int = 1) -> DecodePlan | None:
+        """The next decode call's slots: every running sequence that may still sample, but a
+        constrained one whose last token is in flight; each makes up to ``most`` tokens (one
+        if any has a grammar: its mask needs each token first), never past its ``max_tokens``,
+        and gets the pages they need."""
+        steps = np.zeros(len(self.slots), np.int32)
         owners: list[Seq | None] = [None] * len(self.slots)
         constrained: list[tuple[int, Seq]] = []
         longest = last = 0
-        for i, seq in enumerate(self.slots):
-            if seq is None or seq.done or 1 + seq.dispatched >= seq.max_tokens:
-                continue
+        running = [(i, seq) for i, seq in enumerate(self.slots)
+                   if seq is not None and not seq.done and 1 + seq.dispatched < seq.max_tokens]
+        if any(seq.constraint is not None for _, seq in running):
+            most = 1
+        for i, seq in running:
             if seq.constraint is not None:
                 if seq.in_flight:  # its mask would be stale: wait for its token
                     continue
                 constrained.append((i, seq))
-            active[i], owners[i], last = True, seq, i
-            longest = max(longest, seq.prompt_len + seq.dispatched + 1)
-            self.pages.grow(i, seq.prompt_len + seq.dispatched + 1)  # the row this step writes
-            seq.dispatched += 1
-        if not active.any():
+            n = min(most, seq.max_tokens - 1 - seq.dispatched)
+            steps[i], owners[i], last = n, seq, i
+            seq.dispatched += n
+            longest = max(longest, seq.prompt_len + seq.dispatched)
+            self.pages.grow(i, seq.prompt_len + seq.dispatched)  # the rows these steps write
+        if not steps.any():
             return None
-        return DecodePlan(active, owners, constrained, last + 1, longest)
+        return DecodePlan(steps, owners, constrained, last + 1, longest)
 
     def finish(self, seq: Seq) -> None:
         """``seq`` is done: its slot and pages are free (steps in flight that still write there

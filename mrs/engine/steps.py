@@ -1,5 +1,5 @@
 """The jitted steps (JetStream-style): insert a request's sampling row, prefill a
-chunk of its prompt into its slot, and decode one token for every slot at once.
+chunk of its prompt into its slot, and decode one or a few tokens for every slot at once.
 
 The whole decode state lives on device and is donated to every step, so the KV
 cache is updated in place. Shapes are fixed by ``max_batch``, the KV pool's geometry
@@ -118,16 +118,18 @@ class Steps:
 
     compiles_without_running = True  # ``warm`` lowers from shapes: any thread may call it
 
-    def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, stage: Stage = None) -> None:
+    def __init__(self, config: ModelConfig, max_batch: int, kv: KVGeometry, stage: Stage = None,
+                 decode_steps: int = 1) -> None:
         self.config = config
         self.max_batch = max_batch
         self.kv = kv
         self.stage = stage
+        self.decode_steps = decode_steps  # the most tokens per slot one decode call makes
         self.model = build_model(config, stage)
         # Incremented while tracing: a compile counter for tests and stats.
         self.traces: Counter[str] = Counter()
         # What the steps close over, beyond their inputs (mrs.engine.executable_cache).
-        owner = f"{type(self).__qualname__}:{config!r}:{max_batch}:{kv!r}:{stage!r}"
+        owner = f"{type(self).__qualname__}:{config!r}:{max_batch}:{kv!r}:{stage!r}:{decode_steps}"
         self.insert = CompiledStep(jax.jit(versioned(self._insert), donate_argnums=(0,)), fixed=1,
                                    static=frozenset(), fingerprint=f"{owner}:insert")
         self.prefill = _step(self._prefill, ("kv_len", "score"), f"{owner}:prefill")
@@ -238,13 +240,40 @@ class Steps:
         return state, out
 
     def _decode(
+        self, params: Any, state: DecodeState, steps: Array, mask: Array, pages: Array, inputs: Array | None = None,
+        *, kv_len: int, rows: int,
+    ) -> tuple[DecodeState, SampleOut]:
+        """``steps [max_batch]`` tokens (int32, 0 to ``decode_steps``) for each slot among the
+        first ``rows`` (static: a batch bucket, so a lightly loaded engine does not pay for all
+        its slots), each among its ``mask`` row's allowed tokens, through its ``pages`` row; idle
+        slots read and write nothing. The outputs are ``[decode_steps, rows, ...]``: row i's
+        first ``steps[i]`` are its tokens.
+
+        Several tokens per call run as a loop on the device, one step after the other exactly
+        as separate calls would (the same sampling draws): what they save is the host's part
+        of each call (passing some 800 arguments, the engine's and server's per-step work),
+        which on a CPU competes with the step for the same cores."""
+        self.traces[f"decode/{rows}/{kv_len}"] += 1
+        if self.decode_steps == 1:
+            state, out = self._decode_one(params, state, steps > 0, mask, pages, inputs, kv_len=kv_len, rows=rows)
+            return state, jax.tree.map(lambda x: x[None], out)
+        assert inputs is None, "a staged model's last stage decodes one step per call"
+
+        def step(i: Array, carry: tuple[DecodeState, SampleOut]) -> tuple[DecodeState, SampleOut]:
+            state, outs = carry
+            state, out = self._decode_one(params, state, i < steps, mask, pages, kv_len=kv_len, rows=rows)
+            return state, jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, out)
+
+        shapes = jax.eval_shape(lambda: self._decode_one(params, state, steps > 0, mask, pages, kv_len=kv_len,
+                                                         rows=rows)[1])
+        outs = jax.tree.map(lambda x: jnp.zeros((self.decode_steps, *x.shape), x.dtype), shapes)
+        return jax.lax.fori_loop(0, jnp.max(steps), step, (state, outs))
+
+    def _decode_one(
         self, params: Any, state: DecodeState, active: Array, mask: Array, pages: Array, inputs: Array | None = None,
         *, kv_len: int, rows: int,
     ) -> tuple[DecodeState, SampleOut]:
-        """One token for every ``active`` slot among the first ``rows`` (static: a batch
-        bucket, so a lightly loaded engine does not pay for all its slots), each among its
-        ``mask`` row's allowed tokens, through its ``pages`` row; idle slots read and write nothing."""
-        self.traces[f"decode/{rows}/{kv_len}"] += 1
+        """One token for every ``active`` slot among the first ``rows``."""
         head = lambda x: x[:rows]  # noqa: E731
         last_tokens, positions = decode_inputs(state.tokens, state.positions, active, rows)
         active = head(active)
