@@ -592,46 +592,54 @@ class Engine:
         return host
 
     def _emit_rows(self, step: _Step, host: SampleOut, *, constrained: bool) -> None:
-        """Emit the step's tokens of its constrained (or its unconstrained) owners, each row's
-        in order until its sequence ends (the call's later tokens for it are dropped)."""
+        """Emit the call's tokens of its constrained (or its unconstrained) owners: one delta
+        per sequence, its tokens in order until it ends (the call's later ones are dropped)."""
         for i, seq in enumerate(step.owners):
-            if seq is not None and (seq.constraint is not None) == constrained:
-                for j in range(step.steps[i]):
-                    if seq.done:
-                        break
-                    self._emit_isolated(seq, jax.tree.map(lambda x: x[j], host), i)
+            if seq is not None and not seq.done and (seq.constraint is not None) == constrained:
+                self._emit_isolated(seq, [jax.tree.map(lambda x: x[j], host) for j in range(step.steps[i])], i)
 
     def _emit_first(self, seq: Seq, out: SampleOut) -> None:
         if not seq.done:
-            self._emit_isolated(seq, jax.device_get(out), 0)
+            self._emit_isolated(seq, [jax.device_get(out)], 0)
 
-    def _emit_isolated(self, seq: Seq, host: SampleOut, row: int) -> None:
+    def _emit_isolated(self, seq: Seq, hosts: list[SampleOut], row: int) -> None:
         """``_emit``, where a failure (a detokenizer that raises, say) ends only ``seq``'s request."""
         try:
-            self._emit(seq, host, row)
+            self._emit(seq, hosts, row)
         except Exception as exc:
             log.exception("turning a token of %s into text failed", seq.req.request.request_id)
             self._fail_request(seq.req, exc)
 
-    def _emit(self, seq: Seq, host: SampleOut, row: int) -> None:
-        """Turn one sampled token into a delta (and maybe a finish) for ``seq``."""
-        token = int(host.tokens[row])
-        seq.generated += 1
-        self._tokens_generated += 1
+    def _emit(self, seq: Seq, hosts: list[SampleOut], row: int) -> None:
+        """Turn the tokens sampled for ``seq`` (row ``row`` of each step's output, in order) into
+        one delta, up to the one that ends it (then a finish)."""
         sp = seq.req.request.sampling
-        logprobs = [self._logprob(token, host, row, sp.top_logprobs)] if sp.logprobs else None
+        tokens: list[int] = []
+        texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         reason = None
-        if token in seq.req.stop_ids:
-            text, reason = seq.detok.flush(), "stop"
-        else:
-            text = seq.detok.add(token)
+        for host in hosts:
+            token = int(host.tokens[row])
+            seq.generated += 1
+            self._tokens_generated += 1
+            tokens.append(token)
+            if sp.logprobs:
+                logprobs.append(self._logprob(token, host, row, sp.top_logprobs))
+            if token in seq.req.stop_ids:
+                texts.append(seq.detok.flush())
+                reason = "stop"
+                break
+            texts.append(seq.detok.add(token))
             complete = self._advance(seq, token)
             if seq.detok.stopped:
                 reason = "stop"
-            elif complete or seq.generated >= seq.max_tokens:  # a complete grammar ends the text
-                text, reason = text + seq.detok.flush(), "stop" if complete else "length"
+                break
+            if complete or seq.generated >= seq.max_tokens:  # a complete grammar ends the text
+                texts.append(seq.detok.flush())
+                reason = "stop" if complete else "length"
+                break
         prompt, seq.prompt_logprobs = seq.prompt_logprobs, None
-        seq.req.stream.push(TokenDelta(seq.index, text, [token], logprobs, prompt))
+        seq.req.stream.push(TokenDelta(seq.index, "".join(texts), tokens, logprobs if sp.logprobs else None, prompt))
         if reason is not None:
             self._finish(seq, reason)
 

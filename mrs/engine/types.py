@@ -84,7 +84,8 @@ class Usage:
 
 @dataclass
 class TokenDelta:
-    """New text for choice ``index``; ``text`` never ends inside a UTF-8 character."""
+    """New text for choice ``index`` (one token or several: a decode call's for it); ``text``
+    never ends inside a UTF-8 character."""
 
     index: int
     text: str
