@@ -59,10 +59,23 @@ def _qarray(name: str, rows: int, cols: int = 256) -> QArray:
 def test_qmatmul_equals_dequantize_then_matmul(name: str, rows: int, m: int) -> None:
     q = _qarray(name, rows)
     x = jnp.asarray(np.random.default_rng(m).standard_normal((m, q.shape[1])), jnp.float32)
-    got = jax.jit(native.qmatmul)(x, q)
+    got = jax.jit(lambda x, q: native.qmatmul(x, [q])[0])(x, q)
     want = np.asarray(x @ q.dequantize(jnp.float32).T)
     # Float32 sums in another order: rounding relative to the outputs' scale.
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 7, 32])
+def test_one_call_for_several_weights_equals_a_call_each(m: int) -> None:
+    """Mixed formats (4, 6 and 8 bits, blocks of 32 and 16) split over the threads together
+    give each weight exactly what a call of its own gives."""
+    assert native.available()
+    qs = [_qarray("Q4_1", 64), _qarray("Q6_K", 37), _qarray("Q8_0", 20), _qarray("Q6K", 64)]
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, 256)), jnp.float32)
+    together = jax.jit(native.qmatmul)(x, qs)
+    for q, got in zip(qs, together, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(native.qmatmul)(x, [q])[0]))
 
 
 @needs_kernels
@@ -80,7 +93,7 @@ def test_linear_uses_the_kernel_for_decode_sizes_only() -> None:
 def test_qmatmul_names_a_shape_mismatch() -> None:
     q = _qarray("Q8_0", 64)
     with pytest.raises(Exception, match="qmatmul: data, scale and x shapes disagree"):
-        jax.block_until_ready(native.qmatmul(jnp.ones((1, 128)), q))
+        jax.block_until_ready(native.qmatmul(jnp.ones((1, 128)), [q]))
 
 
 def _attention_inputs(slots: int, kv_heads: int, group: int, dim: int, seq: int, seed: int = 0):

@@ -39,6 +39,7 @@ from mrs.models.layers import (
     cached_attention,
     inject,
     layer_window,
+    project,
     rope_inv_freq,
 )
 
@@ -57,9 +58,9 @@ class Attention(nn.Module):
     def __call__(self, x: Array, cache: LayerCache, context: Context):
         c = self.config
         batch, steps, _ = x.shape
-        q = Linear(c.attention_bias, name="q_proj")(x).reshape(batch, steps, c.num_heads, c.head_dim)
-        k = Linear(c.attention_bias, name="k_proj")(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
-        v = Linear(c.attention_bias, name="v_proj")(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
+        q, k, v = project(self, x, ("q_proj", "k_proj", "v_proj"), c.attention_bias)
+        q = q.reshape(batch, steps, c.num_heads, c.head_dim)
+        k, v = (y.reshape(batch, steps, c.num_kv_heads, c.head_dim) for y in (k, v))
         if c.qk_norm:
             q, k = _norm(c, "q_norm")(q), _norm(c, "k_norm")(k)
         if c.rope_local_theta is not None and c.layer_type(self.layer) == SLIDING:

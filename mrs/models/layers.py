@@ -32,6 +32,7 @@ from mrs.models import kv_cache, paged_attention
 from mrs.models.config import SLIDING, ModelConfig
 from mrs.models.kv_cache import KVCache, LayerCache, Stage
 from mrs.quant import native
+from mrs.quant.qarray import QArray, linears
 
 Array = jax.Array
 # Stage: decoder layers [start, stop) that one pipeline stage runs (num_device_layers); None: all.
@@ -83,6 +84,18 @@ def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def project(module: nn.Module, x: Array, names: tuple[str, ...], use_bias: bool = False) -> list[Array]:
+    """The ``Linear`` submodules ``names`` of ``module`` (HF's ``q_proj``, ``k_proj``, ...)
+    applied to ``x``; quantized weights in one native kernel call (``qarray.linears``)."""
+    layers = [weight(module, name) for name in names]
+    ws = [layer["weight"] for layer in layers]
+    if all(isinstance(w, QArray) for w in ws):
+        ys = linears(x, ws)
+    else:
+        ys = [linear(x, w) for w in ws]
+    return [y + layer["bias"].astype(y.dtype) if use_bias else y for y, layer in zip(ys, layers)]
 
 
 def dense_weight(w: Any, dtype: Any) -> Array:
@@ -157,8 +170,8 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         act = ACTIVATIONS[self.config.hidden_activation]
-        gate = act(Linear(name="gate_proj")(x))
-        return Linear(name="down_proj")(gate * Linear(name="up_proj")(x))
+        gate, up = project(self, x, ("gate_proj", "up_proj"))
+        return Linear(name="down_proj")(act(gate) * up)
 
 
 def rope_inv_freq(config: ModelConfig, theta: float, scaled: bool) -> np.ndarray:

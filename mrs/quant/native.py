@@ -1,7 +1,7 @@
 """Native CPU kernels (``csrc/*.cc``): built on first use, called from jit as XLA FFI targets.
 
-- ``qmatmul``: ``x @ w.T`` for a QArray ``w``, reading the packed blocks directly
-  (``QArray.linear`` uses it for up to ``MAX_ROWS`` activation rows; prefill's
+- ``qmatmul``: ``x @ w.T`` for one QArray ``w`` or several in one call, reading the packed
+  blocks directly (``qarray.linears`` uses it for up to ``MAX_ROWS`` activation rows; prefill's
   512-token chunks stay with XLA, which dequantizes once per call and runs a GEMM).
 - ``decode_attention``: one query per slot over the paged KV cache, read in place
   (``mrs.models.layers.cached_attention`` uses it for decode steps).
@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,12 +150,16 @@ def cpu_or_xla(native: Any, xla: Any, *args: Any, gpu: Any = None) -> Any:
     return jax.lax.platform_dependent(*args, cpu=native, default=xla, **gpus)
 
 
-def qmatmul(x: jax.Array, q: Any) -> jax.Array:
-    """``x [m, in] @ q.T`` for a 2-D QArray ``q`` with blocks of 16 or 32, float32 in and out."""
-    min_ = q.min if q.min is not None else jnp.zeros((0,), jnp.float32)
-    high = q.high if q.high is not None else jnp.zeros((0,), jnp.uint8)
-    call = jax.ffi.ffi_call("mrs_qmatmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32))
-    return call(x, q.data, q.scale, min_, high, bits=np.int32(q.bits), zero=np.int32(q.zero))
+def qmatmul(x: jax.Array, qs: Sequence[Any]) -> list[jax.Array]:
+    """``x [m, in] @ q.T`` for each 2-D QArray of ``qs`` (blocks of 16 or 32), float32 in and
+    out, in one kernel call: the weights' rows are split over the threads together."""
+    buffers = []
+    for q in qs:
+        buffers += [q.data, q.scale, q.min if q.min is not None else jnp.zeros((0,), jnp.float32),
+                    q.high if q.high is not None else jnp.zeros((0,), jnp.uint8)]
+    call = jax.ffi.ffi_call("mrs_qmatmul", [jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32) for q in qs])
+    return call(x, *buffers, bits=np.array([q.bits for q in qs], np.int32),
+                zero=np.array([q.zero for q in qs], np.int32))
 
 
 def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, pages: jax.Array, positions: jax.Array, *,

@@ -91,23 +91,8 @@ class QArray:
         return self._float(unpack(self.data, self.high, self.bits, jnp), self.scale, self.min, dtype).reshape(self.shape)
 
     def linear(self, x: Array) -> Array:
-        """``x @ w.T`` for a 2-D ``[out, in]`` weight.
-
-        ``x`` of up to ``native.MAX_ROWS`` rows on CPU goes to the native kernel (``mrs.quant.native``),
-        which reads the packed blocks; otherwise XLA dequantizes inside the caller's
-        jit. A 2-D matmul on purpose: with jax 0.10's XLA CPU a 3-D einsum over the
-        expanded weight ran 10x slower in isolation (it fuses the dequantization
-        into a strided matrix-vector loop).
-        """
-        out, inner = self.shape
-        flat = x.reshape(-1, inner)
-        xla = lambda a: a @ self.dequantize(a.dtype).T  # noqa: E731
-        if (flat.dtype == jnp.float32 and flat.shape[0] <= native.MAX_ROWS and self.block in (16, 32)
-                and native.enabled()):
-            y = native.cpu_or_xla(lambda a: native.qmatmul(a, self), xla, flat)
-        else:
-            y = xla(flat)
-        return y.reshape(*x.shape[:-1], out)
+        """``x @ w.T`` for a 2-D ``[out, in]`` weight (see ``linears``)."""
+        return linears(x, [self])[0]
 
     def take_rows(self, ids: Array, dtype: Any) -> Array:
         """Rows ``ids`` of a 2-D table (embedding lookup) without expanding the whole table."""
@@ -185,3 +170,24 @@ def unpack(data: Any, high: Any, bits: int, xp: Any = np) -> Any:
 jax.tree_util.register_dataclass(
     QArray, data_fields=["data", "scale", "min", "high"], meta_fields=["shape", "bits", "block", "zero", "fmt"]
 )
+
+
+def linears(x: Array, ws: list[QArray]) -> list[Array]:
+    """``x @ w.T`` for each 2-D ``[out, in]`` weight of ``ws`` (one ``in``).
+
+    ``x`` of up to ``native.MAX_ROWS`` rows on CPU goes to the native kernel (``mrs.quant.native``),
+    which reads the packed blocks, one call for all the weights (a layer's q, k and v, say:
+    each call has a fixed cost of some microseconds, about a tenth of a one-token decode step
+    when paid per weight); otherwise XLA dequantizes inside the caller's jit. A 2-D matmul on
+    purpose: with jax 0.10's XLA CPU a 3-D einsum over the expanded weight ran 10x slower in
+    isolation (it fuses the dequantization into a strided matrix-vector loop).
+    """
+    inner = ws[0].shape[1]
+    flat = x.reshape(-1, inner)
+    xla = lambda a: [a @ w.dequantize(a.dtype).T for w in ws]  # noqa: E731
+    if (flat.dtype == jnp.float32 and flat.shape[0] <= native.MAX_ROWS and all(w.block in (16, 32) for w in ws)
+            and native.enabled()):
+        ys = native.cpu_or_xla(lambda a: native.qmatmul(a, ws), xla, flat)
+    else:
+        ys = xla(flat)
+    return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]

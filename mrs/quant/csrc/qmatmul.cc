@@ -9,7 +9,10 @@
 // activation rows (batched decode, prefill chunks) that conversion would repeat per four
 // rows, so instead each four output rows are dequantized once into a small float panel
 // that multiplies every activation row in register tiles.
-// Activations stay float32, so results match dequantize-then-matmul to rounding.
+// Activations stay float32, so results match dequantize-then-matmul to rounding. One call
+// takes several weights that share the activations (a layer's q, k and v; gate and up)
+// and splits their rows over the threads together: the thread pool's fixed cost per call
+// is about a tenth of a one-token decode step when paid per weight (tools/bench_qmatmul.py).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -259,46 +262,82 @@ void FewRowsChunk(const Layout& layout, const float* x, const float* xsum, int64
   }
 }
 
+// Units [begin, end) of one weight: storage units (few activation rows) or panels of
+// kPanelRows output rows (many). xsum: each activation block's sum, for few rows only.
 template <class Layout, int BLOCK>
-void Run(ffi::ThreadPool& pool, const Layout& layout, const float* x, int64_t m, float* y) {
-  const Weights& w = layout.w;
-  const int64_t units = w.rows / Layout::kRows;  // rows, row pairs or row quads
+void RunUnits(const Layout& layout, const float* x, const float* xsum, int64_t m, float* y, int64_t begin,
+              int64_t end) {
   if (m > kManyRows) {
-    constexpr int64_t kUnits = kPanelRows / Layout::kRows;
-    const int64_t panels = (units + kUnits - 1) / kUnits;
-    mrs::ParallelFor(pool, panels, mrs::ChunksFor(pool, panels, 4), [&](int64_t begin, int64_t end) {
-      ManyRows<Layout, BLOCK>(layout, x, m, y, begin, end);
-    });
-    return;
+    ManyRows<Layout, BLOCK>(layout, x, m, y, begin, end);
+  } else {
+    FewRowsChunk<Layout, BLOCK>(layout, x, xsum, m, y, begin, end);
   }
-  std::vector<float> xsum(m * w.nblocks, 0.0f);  // each activation block's sum, for the offsets
-  for (int64_t i = 0; i < m * w.nblocks; ++i)
-    for (int64_t j = 0; j < BLOCK; ++j) xsum[i] += x[i * BLOCK + j];
-  mrs::ParallelFor(pool, units, mrs::ChunksFor(pool, units, 64), [&](int64_t begin, int64_t end) {
-    FewRowsChunk<Layout, BLOCK>(layout, x, xsum.data(), m, y, begin, end);
-  });
 }
 
 template <int BLOCK>
-void Run(ffi::ThreadPool& pool, const Weights& w, const float* x, int64_t m, float* y) {
+void RunUnits(const Weights& w, const float* x, const float* xsum, int64_t m, float* y, int64_t begin, int64_t end) {
   if (w.bits == 6) {
-    Run<Quads6, BLOCK>(pool, Quads6{w}, x, m, y);
+    RunUnits<Quads6, BLOCK>(Quads6{w}, x, xsum, m, y, begin, end);
   } else if (w.bits == 4) {
-    Run<Pairs4, BLOCK>(pool, Pairs4{w}, x, m, y);
+    RunUnits<Pairs4, BLOCK>(Pairs4{w}, x, xsum, m, y, begin, end);
   } else {
-    Run<Bytes8, BLOCK>(pool, Bytes8{w}, x, m, y);
+    RunUnits<Bytes8, BLOCK>(Bytes8{w}, x, xsum, m, y, begin, end);
   }
+}
+
+// The output rows one storage unit holds.
+int64_t RowsPerUnit(const Weights& w) { return w.bits == 8 ? 1 : (w.bits == 4 ? 2 : 4); }
+
+// How many units RunUnits splits a weight's work into for m activation rows.
+int64_t WorkUnits(const Weights& w, int64_t m) {
+  const int64_t units = w.rows / RowsPerUnit(w);
+  if (m <= kManyRows) return units;
+  const int64_t per_panel = kPanelRows / RowsPerUnit(w);
+  return (units + per_panel - 1) / per_panel;
+}
+
+// ys[i] = x @ ws[i].T for every weight, their units split over the pool together: the
+// pool's fixed cost per call (waking its threads and waiting for them, some microseconds)
+// is paid once for a layer's q, k and v, say, instead of once per weight. Each output row
+// is computed by one unit whatever the split, so the results equal one call per weight.
+void Run(ffi::ThreadPool& pool, const std::vector<Weights>& ws, const float* x, int64_t m,
+         const std::vector<float*>& ys) {
+  std::vector<float> xsums[2];  // blocks of 16, of 32 (few rows only)
+  std::vector<int64_t> first(ws.size() + 1, 0);  // each weight's first unit in the joint range
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const Weights& w = ws[i];
+    std::vector<float>& xsum = xsums[w.block == 32];
+    if (m <= kManyRows && xsum.empty()) {
+      xsum.assign(m * w.nblocks, 0.0f);
+      for (int64_t j = 0; j < m * w.nblocks; ++j)
+        for (int64_t c = 0; c < w.block; ++c) xsum[j] += x[j * w.block + c];
+    }
+    first[i + 1] = first[i] + WorkUnits(w, m);
+  }
+  const int64_t total = first.back();
+  mrs::ParallelFor(pool, total, mrs::ChunksFor(pool, total, m > kManyRows ? 4 : 64), [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t lo = std::max(begin, first[i]) - first[i], hi = std::min(end, first[i + 1]) - first[i];
+      if (lo >= hi) continue;
+      const float* xsum = xsums[ws[i].block == 32].data();
+      if (ws[i].block == 16) {
+        RunUnits<16>(ws[i], x, xsum, m, ys[i], lo, hi);
+      } else {
+        RunUnits<32>(ws[i], x, xsum, m, ys[i], lo, hi);
+      }
+    }
+  });
 }
 
 bool IsF16(ffi::DataType t) { return t == ffi::DataType::F16; }
 
-ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::AnyBuffer scale,
-                   ffi::AnyBuffer min, ffi::AnyBuffer high, ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t bits,
-                   int32_t zero) {
-  const auto xd = x.dimensions(), dd = data.dimensions(), sd = scale.dimensions();
-  if (xd.size() != 2 || dd.size() != 3 || sd.size() != 2)
-    return ffi::Error::InvalidArgument("qmatmul: x must be [m, k], data [units, nblocks, block], scale [rows, nblocks]");
-  const int64_t m = xd[0], k = xd[1], rows = sd[0], nblocks = sd[1], block = dd[2];
+// One weight's buffers (a QArray's data, scale, min and high) checked against x [m, k].
+ffi::Error ReadWeights(int64_t k, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& min,
+                       const ffi::AnyBuffer& high, int32_t bits, int32_t zero, Weights* w) {
+  const auto dd = data.dimensions(), sd = scale.dimensions();
+  if (dd.size() != 3 || sd.size() != 2)
+    return ffi::Error::InvalidArgument("qmatmul: data must be [units, nblocks, block], scale [rows, nblocks]");
+  const int64_t rows = sd[0], nblocks = sd[1], block = dd[2];
   const bool is_int8 = data.element_type() == ffi::DataType::S8;
   if (!is_int8 && data.element_type() != ffi::DataType::U8)
     return ffi::Error::InvalidArgument("qmatmul: data must be int8 or uint8");
@@ -315,19 +354,41 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   }
   if (has_min && min.element_count() != rows * nblocks)
     return ffi::Error::InvalidArgument("qmatmul: min must be [rows, nblocks] or empty");
-  const auto yd = y->dimensions();
-  if (yd.size() != 2 || yd[0] != m || yd[1] != rows)
-    return ffi::Error::InvalidArgument("qmatmul: output must be [m, rows]");
+  *w = Weights{static_cast<const uint8_t*>(data.untyped_data()), static_cast<const uint8_t*>(high.untyped_data()),
+               scale.untyped_data(), has_min ? min.untyped_data() : nullptr, is_int8, IsF16(scale.element_type()),
+               IsF16(min.element_type()), bits, static_cast<int>(block), zero, rows, nblocks, k};
+  return ffi::Error::Success();
+}
 
-  const Weights w{static_cast<const uint8_t*>(data.untyped_data()), static_cast<const uint8_t*>(high.untyped_data()),
-                  scale.untyped_data(),
-                  has_min ? min.untyped_data() : nullptr, is_int8, IsF16(scale.element_type()),
-                  IsF16(min.element_type()), bits, static_cast<int>(block), zero, rows, nblocks, k};
-  if (block == 16) {
-    Run<16>(pool, w, x.typed_data(), m, y->typed_data());
-  } else {  // blocks of 16 and 32 only, checked above
-    Run<32>(pool, w, x.typed_data(), m, y->typed_data());
+// x [m, k] times each of n weights (four buffers each: data, scale, min, high; bits[i] and
+// zero[i]) into n outputs [m, rows_i].
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs,
+                   ffi::Span<const int32_t> bits, ffi::Span<const int32_t> zero) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x must be [m, k]");
+  const int64_t m = xd[0], k = xd[1];
+  const size_t n = outs.size();
+  if (n == 0 || weights.size() != 4 * n || bits.size() != n || zero.size() != n)
+    return ffi::Error::InvalidArgument("qmatmul: four buffers, a bits and a zero per output");
+  std::vector<Weights> ws(n);
+  std::vector<float*> ys(n);
+  for (size_t i = 0; i < n; ++i) {
+    ffi::ErrorOr<ffi::AnyBuffer> buffers[4] = {weights.get<ffi::AnyBuffer>(4 * i), weights.get<ffi::AnyBuffer>(4 * i + 1),
+                                               weights.get<ffi::AnyBuffer>(4 * i + 2),
+                                               weights.get<ffi::AnyBuffer>(4 * i + 3)};
+    for (const auto& b : buffers)
+      if (b.has_error()) return b.error();
+    if (ffi::Error e = ReadWeights(k, *buffers[0], *buffers[1], *buffers[2], *buffers[3], bits[i], zero[i], &ws[i]);
+        e.failure())
+      return e;
+    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
+    if (y.has_error()) return y.error();
+    const auto yd = (*y)->dimensions();
+    if (yd.size() != 2 || yd[0] != m || yd[1] != ws[i].rows)
+      return ffi::Error::InvalidArgument("qmatmul: each output must be [m, rows]");
+    ys[i] = (*y)->typed_data();
   }
+  Run(pool, ws, x.typed_data(), m, ys);
   return ffi::Error::Success();
 }
 
@@ -337,10 +398,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MrsQMatmul, QMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("bits")
-                                  .Attr<int32_t>("zero"));
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int32_t>>("bits")
+                                  .Attr<ffi::Span<const int32_t>>("zero"));
