@@ -189,7 +189,7 @@ def test_sequences_over_many_small_pages_equal_hf_transformers(tiny) -> None:
             expected, ref_logprobs = hf_greedy(tiny[1], ids, 40)
             tokens, deltas, _ = run(engine, ids, temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=True)
             assert tokens == expected
-            got = [d.logprobs[0].logprob for d in deltas]
+            got = [lp.logprob for d in deltas for lp in d.logprobs]
             np.testing.assert_allclose(got, ref_logprobs[np.arange(40), expected], atol=2e-4)
         assert engine.stats()["kv_pages_used"] == 0
     finally:
@@ -267,8 +267,8 @@ def test_a_shared_prefix_prefills_once_and_answers_as_without_the_cache(tiny) ->
             tokens, deltas, finish = run(cached, ids, **sampling)
             want_tokens, want_deltas, want_finish = run(plain, ids, **sampling)
             assert tokens == want_tokens
-            np.testing.assert_allclose([d.logprobs[0].logprob for d in deltas],
-                                       [d.logprobs[0].logprob for d in want_deltas], atol=1e-5)
+            np.testing.assert_allclose([lp.logprob for d in deltas for lp in d.logprobs],
+                                       [lp.logprob for d in want_deltas for lp in d.logprobs], atol=1e-5)
             common = next(i for i, (x, y) in enumerate(zip(ids, questions[0])) if x != y)
             assert finish.usage.cached_tokens == common // 8 * 8 > 0 and want_finish.usage.cached_tokens == 0
         # all at once: sharing pages while they decode side by side changes nobody's tokens
@@ -320,8 +320,8 @@ def test_a_bfloat16_cache_halves_the_pool_and_still_decodes(tiny) -> None:
         tokens, deltas, _ = run(half, ids, temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=True)
         want, want_deltas, _ = run(full, ids, temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=True)
         assert tokens == want  # the tiny model's logits are peaked: bfloat16 keys and values keep its choices
-        np.testing.assert_allclose([d.logprobs[0].logprob for d in deltas],
-                                   [d.logprobs[0].logprob for d in want_deltas], atol=0.05)
+        np.testing.assert_allclose([lp.logprob for d in deltas for lp in d.logprobs],
+                                   [lp.logprob for d in want_deltas for lp in d.logprobs], atol=0.05)
     finally:
         half.shutdown()
         full.shutdown()
