@@ -63,15 +63,18 @@ def inject(x: Array, injected: Injected | None) -> Array:
     return jnp.where(injected.mask[..., None], injected.embeds.astype(x.dtype), x)
 
 
-def weight(module: nn.Module, name: str) -> Any:
-    """A parameter as stored (array or quantized array), with a clear error if absent.
+def weight(module: nn.Module, name: str, *within: str) -> Any:
+    """A parameter as stored (array or quantized array), with a clear error if absent:
+    ``name``, or the leaf at ``within`` under it (a submodule's ``weight``, say).
 
     We read variables directly instead of ``self.param``: models are only ever
     applied to loaded weights, and ``param`` would reject quantized pytrees.
     """
     value = module.get_variable("params", name)
+    for key in within:
+        value = None if value is None else value.get(key)
     if value is None:
-        raise KeyError(f"missing parameter {'.'.join(module.path + (name,))}")
+        raise KeyError(f"missing parameter {'.'.join(module.path + (name, *within))}")
     return value
 
 
@@ -89,13 +92,14 @@ def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
 def project(module: nn.Module, x: Array, names: tuple[str, ...], use_bias: bool = False) -> list[Array]:
     """The ``Linear`` submodules ``names`` of ``module`` (HF's ``q_proj``, ``k_proj``, ...)
     applied to ``x``; quantized weights in one native kernel call (``qarray.linears``)."""
-    layers = [weight(module, name) for name in names]
-    ws = [layer["weight"] for layer in layers]
+    ws = [weight(module, name, "weight") for name in names]
     if all(isinstance(w, QArray) for w in ws):
         ys = linears(x, ws)
     else:
         ys = [linear(x, w) for w in ws]
-    return [y + layer["bias"].astype(y.dtype) if use_bias else y for y, layer in zip(ys, layers)]
+    if not use_bias:
+        return ys
+    return [y + weight(module, name, "bias").astype(y.dtype) for y, name in zip(ys, names)]
 
 
 def dense_weight(w: Any, dtype: Any) -> Array:
