@@ -596,35 +596,36 @@ class Engine:
         per sequence, its tokens in order until it ends (the call's later ones are dropped)."""
         for i, seq in enumerate(step.owners):
             if seq is not None and not seq.done and (seq.constraint is not None) == constrained:
-                self._emit_isolated(seq, [jax.tree.map(lambda x: x[j], host) for j in range(step.steps[i])], i)
+                self._emit_isolated(seq, host, [(j, i) for j in range(step.steps[i])])
 
     def _emit_first(self, seq: Seq, out: SampleOut) -> None:
         if not seq.done:
-            self._emit_isolated(seq, [jax.device_get(out)], 0)
+            self._emit_isolated(seq, jax.device_get(out), [(0,)])
 
-    def _emit_isolated(self, seq: Seq, hosts: list[SampleOut], row: int) -> None:
+    def _emit_isolated(self, seq: Seq, host: SampleOut, at: list[tuple[int, ...]]) -> None:
         """``_emit``, where a failure (a detokenizer that raises, say) ends only ``seq``'s request."""
         try:
-            self._emit(seq, hosts, row)
+            self._emit(seq, host, at)
         except Exception as exc:
             log.exception("turning a token of %s into text failed", seq.req.request.request_id)
             self._fail_request(seq.req, exc)
 
-    def _emit(self, seq: Seq, hosts: list[SampleOut], row: int) -> None:
-        """Turn the tokens sampled for ``seq`` (row ``row`` of each step's output, in order) into
-        one delta, up to the one that ends it (then a finish)."""
+    def _emit(self, seq: Seq, host: SampleOut, at: list[tuple[int, ...]]) -> None:
+        """Turn the tokens sampled for ``seq`` (``host``'s entries at the indices ``at``: (step,
+        row) of a decode call, (row,) of a prefill; in order) into one delta, up to the one that
+        ends it (then a finish)."""
         sp = seq.req.request.sampling
         tokens: list[int] = []
         texts: list[str] = []
         logprobs: list[TokenLogprob] = []
         reason = None
-        for host in hosts:
-            token = int(host.tokens[row])
+        for index in at:
+            token = int(host.tokens[index])
             seq.generated += 1
             self._tokens_generated += 1
             tokens.append(token)
             if sp.logprobs:
-                logprobs.append(self._logprob(token, host, row, sp.top_logprobs))
+                logprobs.append(self._logprob(token, host, index, sp.top_logprobs))
             if token in seq.req.stop_ids:
                 texts.append(seq.detok.flush())
                 reason = "stop"
@@ -654,13 +655,13 @@ class Engine:
         finally:
             self._grammar_seconds += time.perf_counter() - begin
 
-    def _logprob(self, token: int, host: SampleOut, row: int, top: int) -> TokenLogprob:
+    def _logprob(self, token: int, host: SampleOut, index: tuple[int, ...], top: int) -> TokenLogprob:
         decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
         alternatives = [
             (int(t), decode(int(t)), float(lp))
-            for t, lp in zip(host.top_ids[row][:top], host.top_logprobs[row][:top])
+            for t, lp in zip(host.top_ids[index][:top], host.top_logprobs[index][:top])
         ]
-        return TokenLogprob(token, decode(token), float(host.logprob[row]), alternatives)
+        return TokenLogprob(token, decode(token), float(host.logprob[index]), alternatives)
 
     def _finish(self, seq: Seq, reason: str, error: Exception | None = None) -> None:
         self._scheduler.finish(seq)
