@@ -29,6 +29,15 @@ def _scheduler(slots: int = 2, pages: int = 8, max_queue: int = 4) -> Scheduler:
     return Scheduler(slots, max_queue, PagePool(KVGeometry(pages, 8, 64, "float32"), slots))
 
 
+def _running(*reqs: Request) -> Scheduler:
+    """Four slots and 16 pages of 8, ``reqs`` admitted in order."""
+    scheduler = _scheduler(slots=4, pages=16)
+    for req in reqs:
+        scheduler.enqueue(req)
+        scheduler.admitted(*scheduler.next_admission(), [])
+    return scheduler
+
+
 def test_first_come_first_served_waits_for_pages_without_being_overtaken() -> None:
     scheduler = _scheduler()
     big, small = _request(20, 20), _request(4, 4)  # 5 pages, then 1
@@ -73,11 +82,7 @@ def test_cancelled_requests_leave_the_queue() -> None:
 
 
 def test_decode_plans_grow_pages_and_skip_what_cannot_step() -> None:
-    scheduler = _scheduler(slots=4, pages=16)
-    reqs = [_request(7, 4), _request(16, 1), _request(3, 30)]
-    for req in reqs:
-        scheduler.enqueue(req)
-        scheduler.admitted(*scheduler.next_admission(), [])
+    scheduler = _running(_request(7, 4), _request(16, 1), _request(3, 30))
     plan = scheduler.plan_decode()
     # max_tokens 1: its prefill's token was its last, so that slot does not step
     assert list(plan.steps) == [1, 0, 1, 0] and plan.rows == 3 and plan.longest == 8
@@ -89,11 +94,7 @@ def test_decode_plans_grow_pages_and_skip_what_cannot_step() -> None:
 
 
 def test_several_tokens_per_decode_call_stop_at_max_tokens_and_wait_for_a_grammar() -> None:
-    scheduler = _scheduler(slots=4, pages=16)
-    reqs = [_request(7, 4), _request(16, 1), _request(3, 30)]
-    for req in reqs:
-        scheduler.enqueue(req)
-        scheduler.admitted(*scheduler.next_admission(), [])
+    scheduler = _running(_request(7, 4), _request(16, 1), _request(3, 30))
     plan = scheduler.plan_decode(4)
     # 3 tokens left after the prefill's, none, 29: each makes what is left, at most 4
     assert list(plan.steps) == [3, 0, 4, 0] and plan.longest == 10
